@@ -1,0 +1,150 @@
+"""Frame arithmetic and shard planning: pure functions, no Ray, no CUDA.
+
+Wan's VAE compresses time 4x causally: latent frame 0 decodes to one pixel frame,
+every later latent frame i to four, pixel frames 4i-3 .. 4i. A shard owns the latent
+range [start, stop) and is decoded from `context_start` <= start with a fresh cache; the
+frames that the context latents produce are decoded and then dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TEMPORAL_SCALE = 4
+
+
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames that `latent_frames` latent frames decode to (1 + 4(T-1))."""
+    if latent_frames < 1:
+        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    return 1 + TEMPORAL_SCALE * (latent_frames - 1)
+
+
+def frame_start(latent: int) -> int:
+    """First pixel frame (global index) produced by latent frame `latent`."""
+    return 0 if latent == 0 else TEMPORAL_SCALE * latent - (TEMPORAL_SCALE - 1)
+
+
+def frame_range(start: int, stop: int) -> tuple[int, int]:
+    """Global pixel frames [first, end) owned by the latent range [start, stop)."""
+    if not 0 <= start < stop:
+        raise ValueError(f"bad latent range [{start}, {stop})")
+    return frame_start(start), frame_start(stop)
+
+
+def frames_to_drop(context_start: int, start: int) -> int:
+    """Leading frames a stream started at `context_start` yields before latent `start`."""
+    if context_start > start:
+        raise ValueError(f"context_start {context_start} is after start {start}")
+    return 0 if context_start == start else pixel_frames(start - context_start)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first latent frame the shard owns
+    stop: int  # one past its last latent frame
+    context_start: int  # where its decode begins (start - context, floored at 0)
+
+    @property
+    def context(self) -> int:
+        return self.start - self.context_start
+
+    @property
+    def latent_frames(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def decoded_latent_frames(self) -> int:
+        return self.stop - self.context_start
+
+    @property
+    def frames(self) -> tuple[int, int]:
+        return frame_range(self.start, self.stop)
+
+    @property
+    def frame_count(self) -> int:
+        first, end = self.frames
+        return end - first
+
+    @property
+    def drop(self) -> int:
+        return frames_to_drop(self.context_start, self.start)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    latent_frames: int
+    context: int
+    shards: tuple[Shard, ...]
+
+    @property
+    def frame_count(self) -> int:
+        return pixel_frames(self.latent_frames)
+
+    @property
+    def decoded_latent_frames(self) -> int:
+        return sum(s.decoded_latent_frames for s in self.shards)
+
+    @property
+    def overhead(self) -> float:
+        """Context latent frames decoded per kept latent frame (0.0 means no waste)."""
+        return (self.decoded_latent_frames - self.latent_frames) / self.latent_frames
+
+
+def plan_shards(
+    latent_frames: int,
+    workers: int,
+    context: int,
+    shard_latents: int | None = None,
+) -> ShardPlan:
+    """Split [0, latent_frames) into contiguous shards, each with `context` latents of left context.
+
+    Without `shard_latents`, makes one shard a worker, sized so that the work each decodes
+    (kept plus context latents) is balanced: the first shard has no context to pay for, so
+    it is given more kept frames. With `shard_latents`, cuts shards of that many kept latents
+    (the last one shorter), which a driver schedules dynamically.
+    """
+    if latent_frames < 1:
+        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if context < 1:
+        # A stream's first latent frame decodes to one frame, not four, so a shard that
+        # starts after latent 0 needs at least one latent of context to own 4 frames each.
+        raise ValueError(f"context must be >= 1 latent frame, got {context}")
+    if shard_latents is not None:
+        if shard_latents < 1:
+            raise ValueError(f"shard_latents must be >= 1, got {shard_latents}")
+        bounds = list(range(0, latent_frames, shard_latents)) + [latent_frames]
+    else:
+        bounds = _balanced_bounds(latent_frames, workers, context)
+    shards = tuple(
+        Shard(index=i, start=a, stop=b, context_start=max(0, a - context))
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    )
+    return ShardPlan(latent_frames=latent_frames, context=context, shards=shards)
+
+
+def _balanced_bounds(latent_frames: int, workers: int, context: int) -> list[int]:
+    """Cut points so each shard decodes about the same number of latent frames.
+
+    Shard 0 decodes only what it keeps; every later shard also decodes up to `context`
+    extra. With n shards of equal decode work W: W*n = T + (n-1)*context, so shard 0 keeps W
+    and the others W - context each (when the context is shorter than the video).
+    """
+    n = min(workers, latent_frames)
+    while n > 1:
+        work = (latent_frames + (n - 1) * context) / n
+        if work - context >= 1:
+            break
+        n -= 1  # context dominates: fewer shards waste less
+    if n == 1:
+        return [0, latent_frames]
+    work = (latent_frames + (n - 1) * context) / n
+    bounds = [0]
+    for i in range(1, n):
+        bounds.append(round(work + (i - 1) * (work - context)))
+    bounds.append(latent_frames)
+    # Rounding can only collapse a shard when each keeps about one frame; drop duplicates.
+    return sorted(set(bounds))
