@@ -1,0 +1,362 @@
+"""The asynchronous frame pipeline: decode on the GPU while copying and encoding earlier chunks.
+
+Three stages overlap:
+  compute stream   decoder step for chunk N, then uint8 conversion (4x fewer bytes to copy)
+  copy stream      D2H of chunk N-1 into a pinned host buffer of a small ring
+  host thread      hands chunk N-2 to the sink (colour conversion, encoding, writing)
+CUDA events are the barriers: compute-done before the copy starts, copy-done before the
+host reads the buffer; a buffer goes back to the ring only after the sink is done with
+it, so when the host is slower than the GPU the decode loop waits for a free buffer
+(backpressure) and the report names the host as the bottleneck.
+
+The synchronous mode (decode, blocking copy, write, repeat) runs behind the same call for
+comparison. Without CUDA the same code runs with threads only: the decode loop in the
+caller's thread, the sink in the host thread.
+
+Note [pipeline shutdown]
+  1. The decode loop ends (normally or by an error) and puts `_END` on the ready queue;
+     on error it also sets `stop`, so the host thread skips whatever is still queued.
+  2. The host thread exits on `_END` or `stop`; every queue wait has a timeout after which
+     it rechecks `stop`, so it can never block forever.
+  3. The owner joins the thread (it is woken by step 1), then closes the sink on success or
+     aborts it on failure. An error in the host thread travels to the owner as a value
+     (`_StageError`) and is re-raised there, naming the stage.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from actors.sinks import Sink, SinkResult
+
+Mode = Literal["async", "sync"]
+_POLL_S = 0.1
+_JOIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class PipelineReport:
+    mode: str
+    frames: int = 0
+    chunks: int = 0
+    wall_s: float = 0.0
+    gpu_busy_s: float = 0.0  # decoder + uint8 conversion, by CUDA events (wall time on CPU)
+    gpu_span_s: float = 0.0  # from the first chunk's start to the last chunk's end
+    copy_s: float = 0.0  # device-to-host copies, by CUDA events
+    host_busy_s: float = 0.0  # inside sink.write
+    flush_s: float = 0.0  # the sink's final flush and commit, apart from the rest
+    wait_for_buffer_s: float = 0.0  # decode loop blocked on a free host buffer
+    host_idle_s: float = 0.0  # host thread waiting for a chunk
+    peak_gpu_bytes: int = 0
+    sink: dict = field(default_factory=dict)
+
+    @property
+    def gpu_utilization(self) -> float:
+        return self.gpu_busy_s / self.gpu_span_s if self.gpu_span_s > 0 else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        """The stage that limited throughput: the one the others waited for."""
+        if self.mode == "sync":
+            stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
+            return max(stages, key=stages.get)
+        if self.wait_for_buffer_s > 0.05 * self.wall_s:
+            return "host" if self.host_busy_s >= self.copy_s else "copy"
+        return "gpu"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["gpu_utilization"] = self.gpu_utilization
+        d["bottleneck"] = self.bottleneck
+        return d
+
+
+class _StageError:
+    """An exception carried from a stage thread to the owner, with where it happened."""
+
+    def __init__(self, where: str, exc: BaseException):
+        self.where, self.exc = where, exc
+
+    def reraise(self):
+        raise RuntimeError(f"frame pipeline: {self.where} failed: {self.exc!r}") from self.exc
+
+
+_END = object()
+
+
+def to_uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
+    """CFHW in [-1, 1] -> FHWC uint8, rounding (never truncating) as Wan's pipelines do."""
+    x = chunk.float().clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, mode: Mode = "async",
+                 depth: int = 2, device: torch.device | str = "cpu") -> tuple[PipelineReport, SinkResult]:
+    """Drive `chunks` (a decoder's stream) into `sink`, dropping the first `drop` frames.
+
+    The sink is closed (committed) on success and aborted on any failure.
+    """
+    device = torch.device(device)
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    report = PipelineReport(mode=mode)
+    start = time.perf_counter()
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            run = _run_sync_cuda if mode == "sync" else _run_async_cuda
+            run(chunks, sink, drop, depth, device, report)
+        else:
+            run = _run_sync_cpu if mode == "sync" else _run_async_cpu
+            run(chunks, sink, drop, depth, report)
+        t = time.perf_counter()
+        result = sink.close()
+        report.flush_s = time.perf_counter() - t
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if device.type == "cuda":
+            report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    report.wall_s = time.perf_counter() - start
+    report.sink = asdict(result)
+    return report, result
+
+
+def _trim(frames: torch.Tensor, to_drop: int) -> tuple[torch.Tensor, int]:
+    """Drop up to `to_drop` leading frames; return what is left and what is still to drop."""
+    n = min(to_drop, frames.shape[0])
+    return frames[n:], to_drop - n
+
+
+# --- synchronous ---------------------------------------------------------------------------
+
+
+def _run_sync_cpu(chunks, sink, drop, depth, report):
+    it = iter(chunks)
+    t_first = None
+    while True:
+        t0 = time.perf_counter()
+        chunk = next(it, None)
+        if chunk is None:
+            break
+        frames, drop = _trim(to_uint8_frames(chunk), drop)
+        t1 = time.perf_counter()
+        t_first = t0 if t_first is None else t_first
+        report.gpu_busy_s += t1 - t0
+        report.gpu_span_s = t1 - t_first
+        report.chunks += 1
+        if frames.shape[0]:
+            sink.write(frames.numpy())
+            report.frames += frames.shape[0]
+        report.host_busy_s += time.perf_counter() - t1
+
+
+def _run_sync_cuda(chunks, sink, drop, depth, device, report):
+    it = iter(chunks)
+    spans = []
+    while True:
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        chunk = next(it, None)
+        if chunk is None:
+            break
+        frames, drop = _trim(to_uint8_frames(chunk), drop)
+        end.record()
+        spans.append((begin, end))
+        report.chunks += 1
+        if frames.shape[0]:
+            t = time.perf_counter()
+            host = frames.cpu()  # blocking D2H: the GPU idles from here to the next launch
+            t1 = time.perf_counter()
+            report.copy_s += t1 - t
+            sink.write(host.numpy())
+            report.host_busy_s += time.perf_counter() - t1
+            report.frames += host.shape[0]
+    torch.cuda.synchronize(device)
+    _account_gpu(spans, report)
+
+
+def _account_gpu(spans, report):
+    if not spans:
+        return
+    report.gpu_busy_s = sum(b.elapsed_time(e) for b, e in spans) / 1e3
+    report.gpu_span_s = spans[0][0].elapsed_time(spans[-1][1]) / 1e3
+
+
+# --- asynchronous --------------------------------------------------------------------------
+
+
+class _HostWorker:
+    """Feeds the sink from a queue in its own thread; see Note [pipeline shutdown]."""
+
+    def __init__(self, sink: Sink, report: PipelineReport, on_done=None):
+        self.sink, self.report, self.on_done = sink, report, on_done
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.error: _StageError | None = None
+        self.thread = threading.Thread(target=self._loop, name="framefarm-host", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                try:
+                    item = self.ready.get(timeout=_POLL_S)
+                except queue.Empty:
+                    self.report.host_idle_s += time.perf_counter() - t
+                    continue
+                if item is _END:
+                    return
+                frames, slot, copy_done = item
+                if copy_done is not None:
+                    copy_done.synchronize()  # the copy into this buffer has landed
+                self.report.host_idle_s += time.perf_counter() - t
+                t = time.perf_counter()
+                self.sink.write(frames)
+                self.report.host_busy_s += time.perf_counter() - t
+                if self.on_done is not None:
+                    self.on_done(slot)
+        except BaseException as exc:  # noqa: BLE001 - carried to the owner as a value
+            self.error = _StageError("host worker (sink)", exc)
+            self.stop.set()
+
+    def check(self):
+        if self.error is not None:
+            self.error.reraise()
+
+    def finish(self, ok: bool):
+        """Step 1-3 of Note [pipeline shutdown]."""
+        if not ok:
+            self.stop.set()
+        self.ready.put(_END)
+        self.thread.join(timeout=_JOIN_TIMEOUT_S)
+        if self.thread.is_alive():
+            raise RuntimeError("frame pipeline: host worker did not stop within "
+                               f"{_JOIN_TIMEOUT_S:.0f} s (is the sink blocked on I/O?)")
+        self.check()
+
+
+def _run_async_cpu(chunks, sink, drop, depth, report):
+    free = threading.Semaphore(depth)  # the ring: at most `depth` chunks wait for the host
+    host = _HostWorker(sink, report, on_done=lambda _slot: free.release())
+    ok = False
+    try:
+        it = iter(chunks)
+        t_first = None
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(it, None)
+            if chunk is None:
+                break
+            frames, drop = _trim(to_uint8_frames(chunk), drop)
+            t1 = time.perf_counter()
+            t_first = t0 if t_first is None else t_first
+            report.gpu_busy_s += t1 - t0
+            report.gpu_span_s = t1 - t_first
+            report.chunks += 1
+            if not frames.shape[0]:
+                continue
+            _acquire(free, host, report)
+            host.ready.put((frames.numpy(), None, None))
+            report.frames += frames.shape[0]
+        ok = True
+    finally:
+        host.finish(ok)
+
+
+def _acquire(free: threading.Semaphore, host: _HostWorker, report: PipelineReport):
+    """Wait for a free host buffer, rechecking the host thread's health (backpressure)."""
+    t = time.perf_counter()
+    while not free.acquire(timeout=_POLL_S):
+        host.check()
+        if host.stop.is_set():
+            raise RuntimeError("frame pipeline: host worker stopped")
+    host.check()
+    report.wait_for_buffer_s += time.perf_counter() - t
+
+
+def _run_async_cuda(chunks, sink, drop, depth, device, report):
+    compute = torch.cuda.Stream(device)
+    copy = torch.cuda.Stream(device)
+    ring: list[torch.Tensor | None] = [None] * depth  # pinned buffers, sized by the first chunk
+    free_slots: queue.Queue[int] = queue.Queue()
+    for slot in range(depth):
+        free_slots.put(slot)
+    free = _SlotSemaphore(free_slots)
+    host = _HostWorker(sink, report, on_done=free.release)
+    spans, copies = [], []
+    ok = False
+    try:
+        it = iter(chunks)
+        while True:
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(compute):
+                begin.record(compute)
+                chunk = next(it, None)
+                if chunk is None:
+                    break
+                frames, drop = _trim(to_uint8_frames(chunk), drop)
+                end.record(compute)
+            spans.append((begin, end))
+            report.chunks += 1
+            n = frames.shape[0]
+            if not n:
+                continue
+            slot = free.acquire(host, report)
+            buf = ring[slot]
+            if buf is None or buf.shape[1:] != frames.shape[1:] or buf.shape[0] < n:
+                buf = ring[slot] = torch.empty((max(4, n), *frames.shape[1:]), dtype=torch.uint8,
+                                               pin_memory=True)
+            copy_begin = torch.cuda.Event(enable_timing=True)
+            copy_done = torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(copy):
+                copy.wait_event(end)  # compute-done before the copy
+                copy_begin.record(copy)
+                buf[:n].copy_(frames, non_blocking=True)
+                copy_done.record(copy)
+            # The allocator must not hand `frames` to the next chunk before the copy reads it.
+            frames.record_stream(copy)
+            copies.append((copy_begin, copy_done))
+            host.ready.put((buf[:n].numpy(), slot, copy_done))
+            report.frames += n
+        ok = True
+    finally:
+        host.finish(ok)
+    torch.cuda.synchronize(device)
+    _account_gpu(spans, report)
+    report.copy_s = sum(b.elapsed_time(e) for b, e in copies) / 1e3
+
+
+class _SlotSemaphore:
+    """The ring's free list: which pinned buffer the next copy may write into."""
+
+    def __init__(self, slots: queue.Queue):
+        self.slots = slots
+
+    def acquire(self, host: _HostWorker, report: PipelineReport) -> int:
+        t = time.perf_counter()
+        while True:
+            host.check()
+            if host.stop.is_set():
+                raise RuntimeError("frame pipeline: host worker stopped")
+            try:
+                slot = self.slots.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                continue
+        report.wait_for_buffer_s += time.perf_counter() - t
+        return slot
+
+    def release(self, slot: int):
+        self.slots.put(slot)

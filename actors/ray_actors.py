@@ -1,0 +1,70 @@
+"""The Ray actor classes: thin wrappers over workers that run without Ray.
+
+Everything Ray-specific on the node side is here: resource requests, metrics, the GPU id
+Ray assigned. The driver talks to these only through `cluster.dispatch`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+from ray.util import metrics
+
+from actors.assemble import SegmentAssembler
+from actors.worker import ShardTask, ShardWorker
+
+
+class _DecodeWorker:
+    def __init__(self, device: str, scratch_dir: str | None = None):
+        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir)
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        tags = ("device",)
+        self.frames = metrics.Counter("framefarm_frames_decoded", "Pixel frames decoded and committed",
+                                      tag_keys=tags)
+        self.shard_seconds = metrics.Histogram("framefarm_shard_seconds", "Wall seconds per shard",
+                                               boundaries=[1, 5, 15, 30, 60, 120, 300, 600], tag_keys=tags)
+        self.busy = metrics.Gauge("framefarm_gpu_busy_fraction",
+                                  "GPU busy fraction during the last shard's pipeline", tag_keys=tags)
+        self.tags = {"device": f"{self.node_id[:8]}:{','.join(self.gpu_ids) or 'cpu'}"}
+
+    def describe(self) -> dict:
+        return {**self.worker.info, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
+                "cuda": torch.cuda.is_available()}
+
+    def render_shard(self, task: ShardTask, latents: torch.Tensor) -> dict:
+        t = time.perf_counter()
+        meta = self.worker.render_shard(task, latents)
+        self.frames.inc(meta["frames"], tags=self.tags)
+        self.shard_seconds.observe(time.perf_counter() - t, tags=self.tags)
+        self.busy.set(meta["report"]["gpu_utilization"], tags=self.tags)
+        meta.update(node_id=self.node_id, gpu_ids=self.gpu_ids)
+        return meta
+
+
+class _Stitcher:
+    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int):
+        self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count)
+
+    def add(self, meta: dict) -> int:
+        return self.assembler.add(meta)
+
+    def finish(self) -> dict:
+        return self.assembler.finish()
+
+    def abort(self) -> None:
+        self.assembler.abort()
+
+
+def decode_worker_class(use_gpu: bool, cpus: int = 1):
+    """The DecodeWorker actor class: one GPU each, or CPUs where the cluster has no GPUs."""
+    if use_gpu:
+        return ray.remote(num_gpus=1, num_cpus=cpus)(_DecodeWorker)
+    return ray.remote(num_gpus=0, num_cpus=cpus)(_DecodeWorker)
+
+
+# The stitcher only remuxes and moves bytes: it takes no CPU slot a decoder could use.
+Stitcher = ray.remote(num_cpus=0)(_Stitcher)

@@ -1,0 +1,161 @@
+"""What one GPU does with a shard, without Ray: decode, pipeline, encode, commit the segment.
+
+`ShardWorker` is the real worker; `actors.ray_actors.DecodeWorker` is a thin Ray wrapper
+around it. Start-up happens in stages (device, then decoders on first use), and decoders
+are cached per spec so a model is loaded once and reused across shards and jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from actors.decoders import Decoder, TestPatternDecoder
+from actors.pipeline import run_pipeline
+from infra.checksum import sha256_file
+from actors.sinks import open_sink, segment_suffix
+from cluster.latents import check_fits
+from cluster.plan import Shard
+from jobs.spec import DecoderSpec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard of one job, as the driver hands it to a worker."""
+
+    job_id: str
+    shard: Shard
+    output_uri: str  # the job's output prefix; the segment goes under `segment_key` there
+    segment_key: str
+    decoder: DecoderSpec
+    format: str = "mp4"
+    fps: int = 16
+    encoder: str = "auto"
+    crf: int = 18
+    preset: str = "veryfast"
+    encoder_threads: int = 1
+    pipeline: str = "async"
+    depth: int = 2
+    attempt: int = 1
+
+
+def segment_key(fingerprint: str, shard: Shard, fmt: str) -> str:
+    """Deterministic: the same job and shard always land on the same key (idempotent retries)."""
+    return (f"segments/{fingerprint}/{shard.index:05d}_{shard.start}-{shard.stop}"
+            f"_c{shard.context_start}{segment_suffix(fmt)}")
+
+
+def sidecar_key(key: str) -> str:
+    """Written after the segment itself: its presence marks the segment as committed."""
+    return key + ".json"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cpu" or not torch.cuda.is_available():
+        # `cuda` asked on a machine without CUDA (a fake-GPU test cluster, a laptop) decodes on
+        # the CPU rather than failing: the same command works everywhere.
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_decoder(spec: DecoderSpec, device: torch.device) -> Decoder:
+    """The one place that maps a decoder spec to a decoder on a device."""
+    dtype = _DTYPES[spec.dtype]
+    if spec.name == "test-pattern":
+        return TestPatternDecoder(device=device, dtype=dtype)
+    from actors import wan
+
+    if spec.random_weights:
+        config = wan.ti2v_config() if spec.name == "wan2.2-ti2v" else None
+        return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed)
+    from infra.storage import download_prefix, is_s3
+
+    if is_s3(spec.weights):
+        local = tempfile.mkdtemp(prefix="framefarm-weights-")
+        download_prefix(spec.weights, local)
+        return wan.load_wan_decoder(local, device=device, dtype=dtype)
+    return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype)
+
+
+def describe_device(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, memory = props.name, props.total_memory
+    else:
+        name, memory = "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"device": str(device), "device_name": name, "device_memory": memory,
+            "hostname": socket.gethostname(), "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+class ShardWorker:
+    def __init__(self, device: str = "auto", scratch_dir: str | None = None):
+        self.device = resolve_device(device)
+        self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
+        os.makedirs(self.scratch_dir, exist_ok=True)
+        self._decoders: dict[DecoderSpec, Decoder] = {}
+        self.info = describe_device(self.device)
+
+    def decoder(self, spec: DecoderSpec) -> Decoder:
+        if spec not in self._decoders:
+            self._decoders[spec] = build_decoder(spec, self.device)
+        return self._decoders[spec]
+
+    def render_shard(self, task: ShardTask, latents: torch.Tensor) -> dict:
+        """Decode `latents` (the shard's CTHW slice, context included) into one committed segment.
+
+        Returns metadata only; the frames go to object storage.
+        """
+        from infra.storage import open_store
+
+        started = time.time()
+        shard = task.shard
+        if latents.shape[1] != shard.decoded_latent_frames:
+            raise ValueError(f"shard {shard.index}: got {latents.shape[1]} latent frames, "
+                             f"expected {shard.decoded_latent_frames}")
+        decoder = self.decoder(task.decoder)
+        height = latents.shape[2] * decoder.spatial_scale
+        width = latents.shape[3] * decoder.spatial_scale
+        check_fits(decoder.peak_memory_bytes(height, width), self.info["device_memory"], height, width,
+                   self.info["device_name"])
+        store = open_store(task.output_uri)
+        local = os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
+                             f"{segment_suffix(task.format)}")
+        latents = latents.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        sink = open_sink(task.format, local, width, height, task.fps, encoder=task.encoder,
+                         crf=task.crf, preset=task.preset, threads=task.encoder_threads)
+        pipeline_started = time.time()
+        report, result = run_pipeline(decoder.stream(latents), sink, drop=shard.drop, mode=task.pipeline,
+                                      depth=task.depth, device=self.device)
+        pipeline_ended = time.time()
+        try:
+            if result.frames != shard.frame_count:
+                raise RuntimeError(f"shard {shard.index}: wrote {result.frames} frames, "
+                                   f"expected {shard.frame_count}")
+            sha256 = sha256_file(result.path)
+            store.put_file(result.path, task.segment_key)
+        finally:
+            if os.path.exists(result.path):
+                os.remove(result.path)
+        meta = {
+            "job_id": task.job_id, "shard": shard.index, "start": shard.start, "stop": shard.stop,
+            "context_start": shard.context_start, "frame_start": shard.frames[0],
+            "frame_end": shard.frames[1], "frames": result.frames, "key": task.segment_key,
+            "bytes": result.bytes, "sha256": sha256, "attempt": task.attempt,
+            "started": started, "pipeline_started": pipeline_started, "pipeline_ended": pipeline_ended,
+            "flush_s": report.flush_s, "ended": time.time(), "width": width, "height": height,
+            **self.info, "report": report.as_dict(),
+        }
+        # The sidecar goes last: a segment without one is not committed and is redone on resume.
+        store.put_bytes(sidecar_key(task.segment_key), json.dumps(meta).encode())
+        return meta

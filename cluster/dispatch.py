@@ -1,0 +1,110 @@
+"""The one place the driver talks to decode actors: start them, wait for them, call them.
+
+Ray's resource model is the seam between laptops and clusters: on a cluster with GPUs a
+worker is one actor holding one GPU; without GPUs it holds a CPU and decodes there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.ray_actors import Stitcher, decode_worker_class
+
+log = logging.getLogger("framefarm")
+
+
+class NoWorkersError(RuntimeError):
+    pass
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_workers(device: str, workers: int | None) -> tuple[bool, int]:
+    """(use_gpu, worker count) from the request and what the cluster offers."""
+    gpus = cluster_gpus()
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if workers is None:
+        if use_gpu and gpus == 0:
+            raise NoWorkersError("--device cuda without --workers on a cluster that has no GPU yet: "
+                                 "say how many GPU workers to ask the autoscaler for")
+        workers = gpus if use_gpu else 2
+    return use_gpu, workers
+
+
+class WorkerPool:
+    """Decode actors of one kind, created once and reused by every job given this pool."""
+
+    def __init__(self, workers: int, use_gpu: bool, scratch_dir: str | None = None):
+        self.use_gpu = use_gpu
+        self.size = workers
+        self.scratch_dir = scratch_dir
+        self._cls = decode_worker_class(use_gpu)
+        self.actors: list = []
+        self.info: dict = {}  # actor -> describe()
+        self._pending: dict = {}  # describe ref -> actor still starting
+        self.spawn(workers)
+
+    def spawn(self, n: int):
+        device = "cuda" if self.use_gpu else "cpu"
+        for _ in range(n):
+            actor = self._cls.remote(device, self.scratch_dir)
+            self._pending[actor.describe.remote()] = actor
+
+    def poll_ready(self, timeout: float = 0.0) -> list:
+        """Actors that finished starting since the last call; dead starters are dropped."""
+        if not self._pending:
+            return []
+        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout)
+        started = []
+        for ref in ready:
+            actor = self._pending.pop(ref)
+            try:
+                self.info[actor] = ray.get(ref)
+            except RayActorError as exc:
+                log.warning("a decode worker failed to start: %s", exc)
+                continue
+            self.actors.append(actor)
+            started.append(actor)
+        return started
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until at least one worker is up, or explain what is missing."""
+        deadline = time.monotonic() + timeout_s
+        while not self.actors:
+            if not self._pending:
+                raise NoWorkersError("every decode worker failed to start; see the worker logs")
+            self.poll_ready(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            if not self.actors and time.monotonic() > deadline:
+                need = "1 GPU" if self.use_gpu else "1 CPU"
+                raise NoWorkersError(
+                    f"no decode worker started within {timeout_s:.0f} s: each needs {need}; the cluster "
+                    f"has {dict(ray.available_resources())} available of {dict(ray.cluster_resources())}. "
+                    "Check `ray status` (an autoscaler may still be adding nodes; raise "
+                    "--startup-timeout), or ask for fewer --workers.")
+
+    def forget(self, actor):
+        """Drop a dead actor from the pool."""
+        if actor in self.actors:
+            self.actors.remove(actor)
+        self.info.pop(actor, None)
+
+    def shutdown(self):
+        for actor in self.actors + list(self._pending.values()):
+            ray.kill(actor)
+        self.actors.clear()
+        self._pending.clear()
+
+
+def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int):
+    """On the driver's node when it can be: it reads every segment and writes the video."""
+    here = ray.get_runtime_context().get_node_id()
+    return Stitcher.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)
+    ).remote(output_uri, fmt, fps, shard_count)

@@ -1,0 +1,244 @@
+"""The render job on the driver: validate, plan, dispatch shards, retry, stitch, report.
+
+Order of work in `RenderJob.run`, every step before the first dispatch able to fail
+without writing anything:
+  1. read and validate the latents (shape, dtype, values) against the decoder's geometry;
+  2. plan shards with the decoder's receptive field as left context;
+  3. find segments a previous run of the same job committed (resume);
+  4. start workers and the stitcher, dispatch with `ray.wait`, retry shards of dead actors;
+  5. commit the video (stitcher), then manifest.parquet, summary.json, timeline.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm.auto import tqdm
+
+from actors.worker import ShardTask, segment_key, sidecar_key
+from cluster.dispatch import WorkerPool, resolve_workers, start_stitcher
+from cluster.geometry import decoder_geometry
+from cluster.latents import InputError, read_latents, validate_latents
+from cluster.plan import Shard, ShardPlan, plan_shards
+from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
+from jobs.spec import RenderSpec
+
+log = logging.getLogger("framefarm")
+
+
+class JobCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class JobResult:
+    output: str
+    manifest: list[dict]
+    summary: dict
+    plan: ShardPlan = field(repr=False, default=None)
+
+
+def latents_digest(latents: torch.Tensor) -> str:
+    t = latents.detach().to("cpu").contiguous()
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
+    """Step 1, no Ray: validated CTHW latents, the left context shards need, the job fingerprint."""
+    from infra.storage import open_store
+
+    open_store(spec.output)  # a bad output URI fails here, not after the decode
+    geometry = decoder_geometry(spec.decoder)
+    if latents is None:
+        if not spec.latents:
+            raise InputError("no latents given: pass a file, an s3:// URI or a tensor")
+        latents = read_latents(spec.latents)
+    latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents")
+    context = geometry.receptive_field if spec.overlap == "exact" else spec.overlap
+    return latents, context, spec.fingerprint(latents_digest(latents))
+
+
+class RenderJob:
+    def __init__(self, spec: RenderSpec, latents: torch.Tensor | None = None, *, pool: WorkerPool | None = None,
+                 on_event: Callable[[str, dict], None] | None = None, progress: bool = True,
+                 startup_timeout_s: float = 600.0):
+        self.spec = spec
+        self._latents = latents
+        self.pool = pool
+        self.on_event = on_event or (lambda kind, info: None)
+        self.show_progress = progress
+        self.startup_timeout_s = startup_timeout_s
+        self.cancelled = threading.Event()
+        self.frames_done = 0
+        self.frames_total = 0
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def run(self) -> JobResult:
+        from infra.storage import open_store
+
+        t_job = time.time()
+        spec = self.spec
+        latents, context, fingerprint = prepare(spec, self._latents)
+        own_pool = self.pool is None
+        if own_pool:
+            use_gpu, workers = resolve_workers(spec.device, spec.workers)
+            self.pool = WorkerPool(workers, use_gpu)
+        pool = self.pool
+        plan = plan_shards(latents.shape[1], pool.size, context, spec.shard_frames)
+        store = open_store(spec.output)
+        job_id = fingerprint
+        self.frames_total = plan.frame_count
+        log.info("job %s: %d latent frames -> %d frames in %d shards on %d %s workers, context %d "
+                 "(overhead %.1f%%)", job_id, plan.latent_frames, plan.frame_count, len(plan.shards),
+                 pool.size, "GPU" if pool.use_gpu else "CPU", plan.context, 100 * plan.overhead)
+
+        metas: dict[int, dict] = {}
+        todo: deque[tuple[Shard, int]] = deque()
+        for shard in plan.shards:
+            reused = self._committed(store, segment_key(fingerprint, shard, spec.format), fingerprint)
+            if reused is not None:
+                metas[shard.index] = reused
+            else:
+                todo.append((shard, 1))
+        if metas:
+            log.info("job %s: reusing %d committed segments", job_id, len(metas))
+
+        stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
+        stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
+        bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
+                   file=sys.stderr, mininterval=1.0)
+        bar.update(sum(m["frames"] for m in metas.values()))
+        self.frames_done = bar.n
+        inflight: dict = {}  # ref -> (shard, attempt, actor)
+        busy: set = set()
+        slices: dict[int, ray.ObjectRef] = {}
+        ok = False
+        try:
+            if todo:
+                pool.wait_ready(self.startup_timeout_s)
+            while todo or inflight:
+                if self.cancelled.is_set():
+                    raise JobCancelled(f"job {job_id} cancelled")
+                pool.poll_ready()
+                for actor in [a for a in pool.actors if a not in busy]:
+                    if not todo:
+                        break
+                    shard, attempt = todo.popleft()
+                    if shard.index not in slices:
+                        slices[shard.index] = ray.put(
+                            latents[:, shard.context_start:shard.stop].contiguous())
+                    task = ShardTask(
+                        job_id=job_id, shard=shard, output_uri=spec.output,
+                        segment_key=segment_key(fingerprint, shard, spec.format), decoder=spec.decoder,
+                        format=spec.format, fps=spec.fps, encoder=spec.encoder, crf=spec.crf,
+                        preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
+                        depth=spec.depth, attempt=attempt)
+                    ref = actor.render_shard.remote(task, slices[shard.index])
+                    inflight[ref] = (shard, attempt, actor)
+                    busy.add(actor)
+                    self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
+                                               "info": pool.info.get(actor)})
+                if not inflight:
+                    if not pool.actors and not pool._pending:
+                        pool.spawn(pool.size)  # every worker died: start new ones where Ray can
+                        pool.wait_ready(self.startup_timeout_s)
+                    continue
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    shard, attempt, actor = inflight.pop(ref)
+                    busy.discard(actor)
+                    try:
+                        meta = ray.get(ref)
+                    except RayActorError as exc:
+                        pool.forget(actor)
+                        if attempt >= spec.max_attempts:
+                            raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from exc
+                        log.warning("shard %d: worker lost (%s); retrying elsewhere (attempt %d)",
+                                    shard.index, type(exc).__name__, attempt + 1)
+                        self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
+                        todo.appendleft((shard, attempt + 1))
+                        continue
+                    except RayTaskError as exc:
+                        raise _unwrap(exc) from None
+                    metas[shard.index] = meta
+                    stitch_refs.append(stitcher.add.remote(meta))
+                    bar.update(meta["frames"])
+                    self.frames_done = bar.n
+                    r = meta["report"]
+                    log.info("shard %d/%d done on %s: %d frames in %.1f s, GPU busy %.0f%%, bottleneck %s",
+                             shard.index + 1, len(plan.shards), meta["hostname"], meta["frames"],
+                             meta["ended"] - meta["started"], 100 * r["gpu_utilization"], r["bottleneck"])
+                    self.on_event("done", meta)
+            ray.get(stitch_refs)
+            stitch = ray.get(stitcher.finish.remote())
+            ok = True
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+        finally:
+            bar.close()
+            for ref in inflight:
+                ray.cancel(ref, force=False)
+            if not ok:
+                try:
+                    ray.get(stitcher.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            ray.kill(stitcher)
+            if own_pool:
+                pool.shutdown()
+                self.pool = None
+
+        wall = time.time() - t_job
+        all_metas = [metas[i] for i in sorted(metas)]
+        rows = manifest_rows(all_metas)
+        summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall, workers=pool.size,
+                            use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
+                            plan_overhead=plan.overhead, stitch=stitch,
+                            extra={"job_id": job_id, "latent_frames": plan.latent_frames,
+                                   "context": plan.context, "decoder": spec.decoder.model_dump(),
+                                   "format": spec.format,
+                                   "decoded_latent_frames": sum(m["stop"] - m["context_start"]
+                                                                for m in all_metas if not m.get("reused"))})
+        store.put_bytes("manifest.parquet", manifest_parquet(rows))
+        store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch))
+        store.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
+        log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,
+                 spec.output.rstrip("/") + "/" + stitch["video"], plan.frame_count, plan.frame_count / spec.fps,
+                 wall)
+        return JobResult(output=spec.output, manifest=rows, summary=summary, plan=plan)
+
+    @staticmethod
+    def _committed(store, key: str, fingerprint: str) -> dict | None:
+        """A previous run's metadata for `key`, if that segment was committed for this job."""
+        side = sidecar_key(key)
+        if not (store.exists(side) and store.exists(key)):
+            return None
+        try:
+            meta = json.loads(store.get_bytes(side))
+        except ValueError:
+            return None
+        if meta.get("job_id") != fingerprint or store.size(key) != meta.get("bytes"):
+            return None
+        meta["reused"] = True
+        return meta
+
+
+def _unwrap(exc: RayTaskError) -> BaseException:
+    """The worker's own exception (InputError, ValueError...) rather than Ray's wrapper."""
+    cause = exc.as_instanceof_cause()
+    return cause if isinstance(cause, BaseException) else exc
