@@ -1,0 +1,632 @@
+"""Object storage: the local filesystem (embedded default) or S3 behind one interface.
+
+Workers upload encoded segments, the stitcher reads them back, jobs fetch latents and
+model weights; all of them name locations by URI:
+
+    /abs/dir, rel/dir, file:///abs/dir   -> LocalStore
+    s3://bucket/prefix                   -> S3Store
+
+Keys are '/'-separated paths relative to a store's root, never absolute and never with
+'.' or '..' segments, so the same key means the same object in both stores and a key
+cannot reach outside its store.
+
+boto3 is imported only when an S3Store is built: the local path must work on machines
+(and in tests) that do not have it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# In-progress local writes carry this suffix; `list` hides them so a reader polling a
+# prefix never sees a half-written object.
+_TMP_SUFFIX = ".framefarm-tmp"
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    @property
+    def uri(self) -> str:
+        """The store's root, as a URI that `open_store` accepts."""
+        ...
+
+    def uri_for(self, key: str) -> str:
+        """The full URI of `key`, for messages and for handing to another process."""
+        ...
+
+    def put_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        """Upload a file; the object appears at `key` only once fully written."""
+        ...
+
+    def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        """Download to `local_path`, which appears only once fully written."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object; shorter if the object ends sooner."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys (relative to the root) that start with `prefix` (a string prefix)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; removing one that is not there is not an error."""
+        ...
+
+    def local_path(self, key: str) -> str | None:
+        """Where the object lives on this machine's filesystem, or None if remote."""
+        ...
+
+    def join(self, *parts: str) -> str: ...
+
+    def child(self, prefix: str) -> ObjectStore:
+        """A store rooted at `prefix` inside this one."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# Keys
+
+
+def join_key(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a safe relative key, else raise ValueError."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"object key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\x00" in key:
+        raise ValueError(f"object key must be relative and free of NUL bytes: {key!r}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(
+                f"object key {key!r} has an empty, '.' or '..' segment; keys may not "
+                "escape their store's root"
+            )
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    # A list prefix may end mid-name ("seg" matches "segment-1"); only its whole
+    # segments need to be safe.
+    if prefix:
+        head, _, _ = prefix.rpartition("/")
+        if head:
+            check_key(head)
+        elif prefix.startswith("/"):
+            check_key(prefix)
+    return prefix
+
+
+def _check_range(start: int, end: int) -> None:
+    if start < 0 or end < start:
+        raise ValueError(f"bad byte range [{start}, {end})")
+
+
+# ---------------------------------------------------------------------------------------
+# Local filesystem
+
+
+def _tmp_sibling(path: str) -> str:
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+
+
+def _open_tmp(path: str) -> tuple[str, int]:
+    # os.open with 0o666 rather than mkstemp (0o600), so the finished file gets the
+    # same umask-derived mode as any other file and other users/containers can read it.
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    while True:
+        tmp = _tmp_sibling(path)
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
+def _atomic_write(path: str, fill) -> None:
+    """Create a temp file next to `path`, let `fill(fileobj)` write it, fsync, rename."""
+    tmp, fd = _open_tmp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class LocalStore:
+    """Objects are files under `root`; the root is created on first write."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        # abspath, not realpath: a root reached through a symlink keeps working if the
+        # link is repointed, and keys are checked lexically anyway.
+        self.root = os.path.abspath(os.fspath(root))
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalStore) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(("LocalStore", self.root))
+
+    @property
+    def uri(self) -> str:
+        return self.root
+
+    def uri_for(self, key: str) -> str:
+        return self._path(key)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _missing(self, key: str) -> FileNotFoundError:
+        path = self._path(key)
+        return FileNotFoundError(2, f"no object at {path}", path)
+
+    def _file(self, key: str) -> str:
+        path = self._path(key)
+        if not os.path.isfile(path):
+            raise self._missing(key)
+        return path
+
+    def put_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        src, dst = os.fspath(local_path), self._path(key)
+        if _same_file(src, dst):
+            return
+        if not os.path.isfile(src):
+            raise FileNotFoundError(2, f"no file at {src}", src)
+
+        def fill(f):
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, 4 * MiB)
+
+        _atomic_write(dst, fill)
+
+    def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        src, dst = self._file(key), os.path.abspath(os.fspath(local_path))
+        if _same_file(src, dst):
+            return
+
+        def fill(f):
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, 4 * MiB)
+
+        _atomic_write(dst, fill)
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        _atomic_write(self._path(key), lambda f: f.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            with open(self._file(key), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing(key) from None
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        _check_range(start, end)
+        try:
+            with open(self._file(key), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing(key) from None
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def size(self, key: str) -> int:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise self._missing(key)
+        return st.st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        # Walk only the directory the prefix's whole segments name, not the whole root.
+        head = prefix.rpartition("/")[0]
+        top = os.path.join(self.root, *head.split("/")) if head else self.root
+        keys = []
+        for dirpath, _dirs, files in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root)
+            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in files:
+                if name.endswith(_TMP_SUFFIX):
+                    continue
+                key = base + name
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def local_path(self, key: str) -> str | None:
+        return self._path(key)
+
+    def join(self, *parts: str) -> str:
+        return join_key(*parts)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self._path(prefix.strip("/")))
+
+
+# ---------------------------------------------------------------------------------------
+# S3
+
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code"))
+    return None
+
+
+class S3Store:
+    """Objects under `s3://bucket/prefix/`.
+
+    Credentials come from boto3's standard chain (env, shared config, instance role);
+    the endpoint from `endpoint_url` if given, else AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL, which boto3 reads itself. Pickles without its client (Ray ships
+    stores to workers) and rebuilds one on arrival from the same settings, so a store
+    built with an explicit `client=` comes back with a default-chain client.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        multipart_threshold: int = 64 * MiB,
+        multipart_chunksize: int = 64 * MiB,
+        max_concurrency: int = 8,
+    ):
+        if not bucket or "/" in bucket:
+            raise ValueError(f"bad S3 bucket name {bucket!r}")
+        prefix = prefix.strip("/")
+        if prefix:
+            check_key(prefix)
+        self.bucket = bucket
+        self.prefix = prefix
+        self._endpoint_url = endpoint_url
+        self._transfer_settings = dict(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+        )
+        self._client = client if client is not None else self._make_client()
+        self._transfer = self._make_transfer_config()
+
+    def _make_client(self) -> Any:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as e:
+            raise ImportError(
+                "s3:// storage needs boto3 (pip install boto3); local paths do not"
+            ) from e
+        # A session of our own: boto3's default session is process-global and not
+        # thread-safe to create clients from.
+        session = boto3.session.Session()
+        kwargs: dict[str, Any] = {
+            "config": Config(retries={"mode": "standard", "max_attempts": 10})
+        }
+        # Only an explicit argument is passed: without one, boto3 applies
+        # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / config-file endpoints itself.
+        if self._endpoint_url:
+            kwargs["endpoint_url"] = self._endpoint_url
+        return session.client("s3", **kwargs)
+
+    def _make_transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        # "classic" pins the s3transfer path: the CRT client, if installed, would
+        # choose its own part sizes and ignore these settings.
+        return TransferConfig(
+            **self._transfer_settings, use_threads=True, preferred_transfer_client="classic"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        state["_transfer"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client = self._make_client()
+        self._transfer = self._make_transfer_config()
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, S3Store)
+            and (other.bucket, other.prefix) == (self.bucket, self.prefix)
+            and other._endpoint_url == self._endpoint_url
+        )
+
+    def __hash__(self) -> int:
+        return hash(("S3Store", self.bucket, self.prefix))
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _missing(self, key: str) -> FileNotFoundError:
+        uri = self.uri_for(key)
+        return FileNotFoundError(2, f"no object at {uri}", uri)
+
+    def put_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        src = os.fspath(local_path)
+        if not os.path.isfile(src):
+            raise FileNotFoundError(2, f"no file at {src}", src)
+        # Above the threshold this is a multipart upload: S3 creates the object only at
+        # CompleteMultipartUpload, and s3transfer aborts the upload on failure.
+        self._client.upload_file(src, self.bucket, self._key(key), Config=self._transfer)
+        log.debug("uploaded %s to %s", src, self.uri_for(key))
+
+    def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        dst = os.path.abspath(os.fspath(local_path))
+        tmp, fd = _open_tmp(dst)
+        os.close(fd)
+        try:
+            self._client.download_file(self.bucket, self._key(key), tmp, Config=self._transfer)
+            os.replace(tmp, dst)
+        except BaseException as e:
+            _unlink_quietly(tmp)
+            if _error_code(e) in _NOT_FOUND_CODES:
+                raise self._missing(key) from e
+            raise
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        # download_fileobj rather than get_object: s3transfer retries a body stream
+        # that breaks mid-read and fetches large objects in parallel ranges.
+        buf = io.BytesIO()
+        try:
+            self._client.download_fileobj(
+                self.bucket, self._key(key), buf, Config=self._transfer
+            )
+        except Exception as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                raise self._missing(key) from e
+            raise
+        return buf.getvalue()
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        _check_range(start, end)
+        if start == end:
+            if not self.exists(key):
+                raise self._missing(key)
+            return b""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
+            )
+        except Exception as e:
+            if _error_code(e) == "InvalidRange":
+                return b""  # starts at or past the end: the object exists, nothing to read
+            if _error_code(e) in _NOT_FOUND_CODES:
+                raise self._missing(key) from e
+            raise
+        return response["Body"].read()
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise self._missing(key)
+        return int(head["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+            for obj in page.get("Contents", ()):
+                key = obj["Key"][len(root) :]
+                # Console-made "folder" markers are not objects anyone wrote.
+                if key and not key.endswith("/"):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def local_path(self, key: str) -> str | None:
+        check_key(key)
+        return None
+
+    def join(self, *parts: str) -> str:
+        return join_key(*parts)
+
+    def child(self, prefix: str) -> S3Store:
+        child = object.__new__(S3Store)
+        child.__dict__.update(self.__dict__)
+        child.prefix = self._key(prefix.strip("/"))
+        return child
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# URIs
+
+
+def is_s3(uri: str | os.PathLike[str]) -> bool:
+    return isinstance(uri, str) and uri[:5].lower() == "s3://"
+
+
+def split_uri(uri: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """('s3', bucket, key_or_prefix) or ('file', '', absolute_path).
+
+    Plain paths and file:// URIs are local. Anything that looks like another scheme
+    ('gs://', 'http://', or a mistyped 's3:/') is a ValueError rather than a relative
+    path nobody meant.
+    """
+    if not isinstance(uri, str):
+        return "file", "", os.path.abspath(os.fspath(uri))
+    m = _SCHEME.match(uri)
+    if m is None:
+        if not uri:
+            raise ValueError("empty storage URI")
+        return "file", "", os.path.abspath(uri)
+    scheme = m.group(1).lower()
+    rest = uri[m.end() :]
+    if not rest.startswith("/"):
+        raise ValueError(f"malformed URI {uri!r}: expected {scheme}://...")
+    rest = rest[1:]
+    if scheme == "file":
+        host, slash, path = rest.partition("/")
+        if host not in ("", "localhost") or not slash:
+            raise ValueError(f"file URI {uri!r} must name a local absolute path (file:///...)")
+        return "file", "", os.path.abspath("/" + unquote(path))
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"S3 URI {uri!r} has no bucket")
+        return "s3", bucket, key.strip("/")
+    raise ValueError(
+        f"unsupported storage URI {uri!r}: use a local path, file:///path or "
+        "s3://bucket/prefix (other S3-compatible stores: s3:// with AWS_ENDPOINT_URL_S3)"
+    )
+
+
+def open_store(uri: str | os.PathLike[str]) -> ObjectStore:
+    scheme, bucket, path = split_uri(uri)
+    if scheme == "s3":
+        return S3Store(bucket, path)
+    return LocalStore(path)
+
+
+def _open_object(uri: str | os.PathLike[str]) -> tuple[ObjectStore, str]:
+    scheme, bucket, path = split_uri(uri)
+    if scheme == "s3":
+        if not path:
+            raise ValueError(f"S3 URI {uri!r} names a bucket, not an object")
+        return S3Store(bucket), path
+    parent, name = os.path.split(path)
+    return LocalStore(parent), name
+
+
+def read_uri_bytes(uri: str | os.PathLike[str]) -> bytes:
+    """The whole object at a full URI (s3://bucket/key or a path)."""
+    store, key = _open_object(uri)
+    return store.get_bytes(key)
+
+
+def download_uri(uri: str | os.PathLike[str], local_path: str | os.PathLike[str]) -> None:
+    """Copy the object at a full URI to `local_path` (atomically)."""
+    store, key = _open_object(uri)
+    store.get_file(key, local_path)
+
+
+def download_prefix(uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]) -> list[str]:
+    """Copy every object under a folder or S3 prefix into `local_dir`, keeping relative
+    paths. Returns the local paths written. An empty source is a FileNotFoundError: a
+    model folder that holds nothing is a wrong URI, not an empty model.
+    """
+    store = open_store(uri)
+    keys = store.list()
+    if not keys:
+        raise FileNotFoundError(2, f"no objects under {store.uri}", store.uri)
+    dest = LocalStore(local_dir)
+    written = []
+    for key in keys:
+        path = dest.local_path(key)
+        assert path is not None
+        store.get_file(key, path)
+        written.append(path)
+    return written
+
+
+__all__ = [
+    "ObjectStore",
+    "LocalStore",
+    "S3Store",
+    "open_store",
+    "split_uri",
+    "is_s3",
+    "join_key",
+    "check_key",
+    "read_uri_bytes",
+    "download_uri",
+    "download_prefix",
+]
