@@ -37,7 +37,7 @@ class SegmentAssembler:
         target = local_out or os.path.join(self.scratch, self.final_name)
         if self.local_output:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-        self.concat = StreamingConcat(target, fmt, fps)
+        self.concat = StreamingConcat(fmt, target, fps)
         self.pending: dict[int, dict] = {}
         self.next_index = 0
         self.frames = 0

@@ -93,7 +93,7 @@ _END = object()
 
 def to_uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     """CFHW in [-1, 1] -> FHWC uint8, rounding (never truncating) as Wan's pipelines do."""
-    x = chunk.float().clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+    x = chunk.float().clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_()  # out of place: the chunk may be shared
     return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 

@@ -1,0 +1,140 @@
+"""The frame pipeline on the CPU path: same frames in both modes, errors end the run promptly."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from actors.decoders import TestPatternDecoder, pattern_latents, read_index
+from actors.pipeline import run_pipeline, to_uint8_frames
+from actors.sinks import open_sink, read_frames
+from cluster.plan import pixel_frames
+
+H, W = 96, 128
+
+
+def _host_threads():
+    return [t for t in threading.enumerate() if t.name == "framefarm-host"]
+
+
+def _render(tmp_path, name, mode, latents, drop=0, depth=2, fmt="ffv1"):
+    path = str(tmp_path / name)
+    sink = open_sink(fmt, path, W, H, 16)
+    report, result = run_pipeline(TestPatternDecoder().stream(latents), sink, drop=drop, mode=mode, depth=depth)
+    return report, result, read_frames(path, fmt)
+
+
+def test_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 1, 7).expand(3, 1, 1, 7)
+    u8 = to_uint8_frames(x)
+    assert u8.shape == (1, 1, 7, 3) and u8.dtype == torch.uint8
+    # round((x + 1) * 127.5): 0.0 -> 127.5 -> 128 (round half to even gives 128), never truncated to 127
+    assert u8[0, 0, :, 0].tolist() == [0, 0, 0, 128, 191, 255, 255]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_sync_and_async_give_identical_frames(tmp_path, depth):
+    latents = pattern_latents(6, H, W)
+    rs, _, sync_frames = _render(tmp_path, "sync.mkv", "sync", latents)
+    ra, _, async_frames = _render(tmp_path, "async.mkv", "async", latents, depth=depth)
+    assert sync_frames.shape[0] == pixel_frames(6) == rs.frames == ra.frames
+    np.testing.assert_array_equal(sync_frames, async_frames)
+    assert [read_index(f) for f in async_frames] == list(range(pixel_frames(6)))
+    for r in (rs, ra):
+        assert r.chunks == 6 and r.gpu_busy_s > 0 and r.host_busy_s > 0 and r.bottleneck in {"gpu", "host", "copy"}
+    assert not _host_threads()
+
+
+def test_leading_context_frames_are_dropped(tmp_path):
+    latents = pattern_latents(7, H, W)[:, 2:]  # a stream that starts at latent 2 (context)
+    report, result, frames = _render(tmp_path, "tail.mkv", "async", latents, drop=5)
+    # Latent 2 as a stream's first decodes to one frame, latent 3 to frames 9..12, dropped with it.
+    assert [read_index(f) for f in frames] == list(range(13, 25))
+    assert report.frames == result.frames == 12
+
+
+class _FailingSink:
+    """A real FFV1 sink that fails on its third write, as a full disk would."""
+
+    def __init__(self, path):
+        self.inner = open_sink("ffv1", path, W, H, 16)
+        self.writes = 0
+        self.aborted = False
+
+    def write(self, frames):
+        self.writes += 1
+        if self.writes == 3:
+            raise OSError("No space left on device")
+        self.inner.write(frames)
+
+    def close(self):
+        return self.inner.close()
+
+    def abort(self):
+        self.aborted = True
+        self.inner.abort()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_failing_sink_ends_the_run_with_its_error(tmp_path, mode):
+    path = str(tmp_path / "out.mkv")
+    sink = _FailingSink(path)
+    # Far more chunks than the ring holds: a hang would show as the test never returning.
+    with pytest.raises((OSError, RuntimeError), match="No space left"):
+        run_pipeline(TestPatternDecoder().stream(pattern_latents(200, H, W)), sink, mode=mode)
+    assert sink.aborted and not os.path.exists(path)
+    assert os.listdir(tmp_path) == []
+    assert not _host_threads()
+
+
+def test_failing_decoder_aborts_the_sink(tmp_path):
+    path = str(tmp_path / "out.mp4")
+
+    def broken_stream():
+        yield from TestPatternDecoder().stream(pattern_latents(3, H, W))
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_pipeline(broken_stream(), open_sink("mp4", path, W, H, 16), mode="async")
+    assert os.listdir(tmp_path) == []
+    assert not _host_threads()
+
+
+class _GatedSink:
+    """Blocks its first write until the decoder has run ahead by more than the ring holds."""
+
+    def __init__(self, path):
+        self.inner = open_sink("ffv1", path, W, H, 16)
+        self.gate = threading.Event()
+
+    def write(self, frames):
+        assert self.gate.wait(timeout=30), "the gate never opened"
+        self.inner.write(frames)
+
+    def close(self):
+        return self.inner.close()
+
+    def abort(self):
+        self.inner.abort()
+
+
+def test_backpressure_names_the_host_as_bottleneck(tmp_path):
+    sink = _GatedSink(str(tmp_path / "out.mkv"))
+    depth = 2
+    latents = pattern_latents(8, H, W)
+    decoder = TestPatternDecoder()
+
+    def stream():
+        for i, chunk in enumerate(decoder.stream(latents)):
+            if i == depth:
+                # The ring is full and the host is stuck: the decode loop must now wait for a
+                # buffer. Open the gate shortly after, from another thread.
+                threading.Timer(0.3, sink.gate.set).start()
+            yield chunk
+
+    report, result = run_pipeline(stream(), sink, mode="async", depth=depth)
+    assert result.frames == pixel_frames(8)
+    assert report.wait_for_buffer_s >= 0.2
+    assert report.bottleneck == "host"
