@@ -20,11 +20,16 @@ class InputError(ValueError):
     """Bad user input, reported before any GPU work and before anything is written."""
 
 
-def read_latents_bytes(data: bytes, name: str) -> torch.Tensor:
-    """Parse a latents file's bytes; `name` gives the format (by suffix) and the error text."""
+def _suffix(name: str) -> str:
     suffix = os.path.splitext(name)[1].lower()
     if suffix not in SUFFIXES:
         raise InputError(f"{name}: unsupported latents format {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    return suffix
+
+
+def read_latents_bytes(data: bytes, name: str) -> torch.Tensor:
+    """Parse a latents file's bytes; `name` gives the format (by suffix) and the error text."""
+    suffix = _suffix(name)
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load as load_safetensors
@@ -60,6 +65,7 @@ def read_latents(path: str) -> torch.Tensor:
     """Read a latents file from a local path or an object-store URI."""
     from infra.storage import read_uri_bytes
 
+    _suffix(path)
     try:
         data = read_uri_bytes(path)
     except FileNotFoundError as exc:

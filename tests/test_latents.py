@@ -1,0 +1,97 @@
+"""Bad latent input: each case gets its own clear error, before any decode, and writes nothing."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cluster.latents import InputError, check_fits, read_latents, validate_latents
+from cluster.driver import RenderJob
+from jobs.spec import RenderSpec
+
+Z = 16
+
+
+def _good(t=3):
+    return torch.randn(Z, t, 4, 6)
+
+
+@pytest.mark.parametrize("shape", [(Z, 3, 4, 6), (1, Z, 3, 4, 6)])
+def test_good_shapes_and_formats_read_back(tmp_path, shape):
+    x = torch.randn(shape)
+    save_file({"latents": x}, tmp_path / "a.safetensors")
+    save_file({"whatever": x}, tmp_path / "b.safetensors")
+    np.save(tmp_path / "c.npy", x.numpy())
+    torch.save(x, tmp_path / "d.pt")
+    torch.save({"latents": x}, tmp_path / "e.pt")
+    for name in "a.safetensors b.safetensors c.npy d.pt e.pt".split():
+        got = validate_latents(read_latents(str(tmp_path / name)), Z)
+        assert got.shape == (Z, 3, 4, 6)
+        torch.testing.assert_close(got, x.reshape(Z, 3, 4, 6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.randn(Z, 3, 4), "rank 3"),
+    (torch.randn(2, Z, 3, 4, 6), "batch of 2"),
+    (torch.randn(8, 3, 4, 6), "8 channels, but the decoder expects 16"),
+    (torch.randn(Z, 0, 4, 6), "T = 0"),
+    (torch.full((Z, 2, 4, 6), float("nan")), "non-finite"),
+    (torch.ones(Z, 2, 4, 6).index_fill_(0, torch.tensor([3]), float("inf")), "non-finite"),
+    (torch.ones(Z, 2, 4, 6, dtype=torch.int32), "not floating point"),
+])
+def test_each_bad_tensor_has_its_own_error(tensor, message):
+    with pytest.raises(InputError, match=message):
+        validate_latents(tensor, Z)
+
+
+def test_unreadable_and_truncated_files(tmp_path):
+    save_file({"latents": _good()}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cannot read latents"):
+        read_latents(str(tmp_path / "cut.safetensors"))
+    np.save(tmp_path / "x.npy", _good().numpy())
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:100])
+    with pytest.raises(InputError, match="cannot read latents"):
+        read_latents(str(tmp_path / "cut.npy"))
+    with pytest.raises(InputError, match="no such latents file"):
+        read_latents(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InputError, match="unsupported latents format"):
+        read_latents(str(tmp_path / "x.txt"))
+    save_file({"a": _good(), "b": _good()}, tmp_path / "two.safetensors")
+    with pytest.raises(InputError, match="none is named 'latents'"):
+        read_latents(str(tmp_path / "two.safetensors"))
+
+
+def test_pickles_are_never_loaded(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(InputError):
+        read_latents(str(tmp_path / "evil.pt"))
+    np.save(tmp_path / "obj.npy", np.array([Evil()], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError):
+        read_latents(str(tmp_path / "obj.npy"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_frame_too_large_for_the_device():
+    with pytest.raises(InputError, match="7680x4320 needs about"):
+        check_fits(200 * 2**30, 96 * 2**30, 4320, 7680, "NVIDIA RTX PRO 6000")
+    check_fits(10 * 2**30, 96 * 2**30, 720, 1280, "NVIDIA RTX PRO 6000")
+
+
+@pytest.mark.parametrize("tensor", [torch.randn(Z, 3, 4), torch.randn(8, 3, 30, 40)])
+def test_rejected_input_writes_nothing(tmp_path, tensor):
+    out = tmp_path / "out"
+    spec = RenderSpec(output=str(out), decoder={"name": "test-pattern"})
+    # Validation runs before Ray is touched: no cluster is needed to reject input.
+    with pytest.raises(InputError):
+        RenderJob(spec, tensor).run()
+    assert not out.exists()
