@@ -1,0 +1,334 @@
+"""Concatenating segments into the final output without re-encoding.
+
+mp4 and mkv segments are remuxed: each packet keeps its bytes and gets its timestamps moved
+by the frames that came before it, so the output decodes to exactly the frames the segments
+decode to. png segments (tars) are unpacked into one directory, renumbered globally.
+
+Every segment is checked before any of it reaches the output: its frame count against what
+the caller expects, and (mp4/mkv) that its timestamps are one frame apart on the 1/fps grid
+with no gaps or duplicates. The output lives under a hidden temporary name beside out_path
+until close() renames it into place, so out_path only ever holds a complete video.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+
+from actors.sinks import _check_fmt
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class StitchResult:
+    path: str
+    frames: int
+    bytes: int
+    seconds: float  # time spent in append() and close()
+
+
+def concat_segments(segment_paths: list[str], fmt: str, out_path: str, fps: int, *,
+                    expected_frames: list[int] | None = None) -> StitchResult:
+    """Join segments in order; every frame of every segment, nothing re-encoded.
+
+    With expected_frames (one count a segment, from the plan) each segment is checked
+    against it; without, counts are taken from the segments themselves. On any error
+    nothing is left at out_path.
+    """
+    if expected_frames is not None and len(expected_frames) != len(segment_paths):
+        raise ValueError(f"{len(segment_paths)} segments but {len(expected_frames)} expected counts")
+    counts = expected_frames if expected_frames is not None else [None] * len(segment_paths)
+    concat = StreamingConcat(fmt, out_path, fps)
+    try:
+        for path, expected in zip(segment_paths, counts):
+            concat.append(path, expected)
+        return concat.close()
+    except BaseException:
+        concat.abort()
+        raise
+
+
+class StreamingConcat:
+    """Appends segments to one output as they land; close() commits it, abort() drops it.
+
+    append() validates a segment completely before writing any of it, so a segment that
+    fails (wrong frame count, foreign codec, broken timestamps) raises ValueError and leaves
+    the output as it was: the caller may fetch the segment again and retry, or abort().
+    One thread at a time.
+    """
+
+    def __init__(self, fmt: str, out_path: str, fps: int):
+        self.fmt = "mkv" if _check_fmt(fmt) == "ffv1" else fmt
+        if fps <= 0:
+            raise ValueError(f"bad fps {fps}")
+        self.fps = fps
+        self.path = os.path.abspath(out_path)
+        directory, name = os.path.split(self.path)
+        os.makedirs(directory, exist_ok=True)
+        self._tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.part")
+        self.frames = 0
+        self.segments = 0
+        self._seconds = 0.0
+        self._state = "open"  # open -> closed | aborted | failed (output touched, then an error)
+        self._out = None  # output container (mp4/mkv), opened with the first segment
+        self._out_stream = None
+        self._template: tuple | None = None
+        self._last_dts: int | None = None  # of the last packet, in the output's time base
+        self._delay: int | None = None  # the output's decode delay in frames (the first segment's)
+
+    def append(self, segment_path: str, expected_frames: int | None) -> int:
+        """Append one segment's frames; returns how many. expected_frames=None skips that check."""
+        self._check_open()
+        start = time.perf_counter()
+        try:
+            if self.fmt == "png":
+                count = self._append_png(segment_path, expected_frames)
+            else:
+                count = self._append_video(segment_path, expected_frames)
+        except _OutputTouched as exc:
+            # Part of the segment may be in the output: it can no longer be made exact.
+            self._state = "failed"
+            raise exc.__cause__ from None
+        finally:
+            self._seconds += time.perf_counter() - start
+        self.frames += count
+        self.segments += 1
+        return count
+
+    def close(self) -> StitchResult:
+        self._check_open()
+        start = time.perf_counter()
+        try:
+            if self.segments == 0:
+                raise ValueError(f"{self.path}: no segments appended")
+            if self.fmt == "png":
+                size = sum(os.path.getsize(os.path.join(self._tmp, n)) for n in os.listdir(self._tmp))
+                _replace_dir(self._tmp, self.path)
+            else:
+                out, self._out = self._out, None
+                out.close()
+                os.replace(self._tmp, self.path)
+                size = os.path.getsize(self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        self._seconds += time.perf_counter() - start
+        return StitchResult(self.path, self.frames, size, self._seconds)
+
+    def abort(self) -> None:
+        if self._state in ("closed", "aborted"):
+            return
+        self._state = "aborted"
+        out, self._out = self._out, None
+        if out is not None:
+            try:
+                out.close()
+            except Exception:
+                pass  # the partial output is being deleted; its trailer doesn't matter
+        if os.path.isdir(self._tmp):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        elif os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def _check_open(self) -> None:
+        if self._state == "failed":
+            raise RuntimeError(f"{self.path}: an earlier append failed part-way; abort() and start again")
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: concat is {self._state}")
+
+    # -- mp4 / mkv ---------------------------------------------------------------------
+
+    def _append_video(self, segment_path: str, expected: int | None) -> int:
+        # Pass 1: read timestamps only, and decide before touching the output.
+        with av.open(segment_path) as segment:
+            stream = _video_stream(segment, segment_path)
+            template = _template_key(stream)
+            if self._template is not None and template != self._template:
+                raise ValueError(f"segment {segment_path}: stream {template} does not match the first "
+                                 f"segment's {self._template}; concatenation needs identical encoder settings")
+            stamps = [(_on_grid(p.pts, p.time_base, self.fps, segment_path),
+                       _on_grid(p.dts, p.time_base, self.fps, segment_path))
+                      for p in segment.demux(stream) if p.size > 0]
+        count = len(stamps)
+        if expected is not None and count != expected:
+            raise ValueError(f"segment {segment_path}: holds {count} frames, expected {expected}")
+        if count == 0:
+            raise ValueError(f"segment {segment_path}: holds no frames")
+        # Each segment starts at its own zero (an mp4 with an edit list) or at its encoder's
+        # delay (one without): normalize to the first presented frame so that either kind
+        # lands exactly after the previous segment.
+        origin = min(pts for pts, _ in stamps)
+        if sorted(pts - origin for pts, _ in stamps) != list(range(count)):
+            raise ValueError(f"segment {segment_path}: timestamps are not {count} consecutive frames")
+        if any(b[1] <= a[1] for a, b in zip(stamps, stamps[1:])):
+            raise ValueError(f"segment {segment_path}: decode timestamps are not increasing")
+
+        if self._out is None:
+            try:
+                self._open_output(segment_path)
+            except Exception as exc:
+                raise _OutputTouched() from exc
+            self._template = template
+        placed, last_duration = self._place(segment_path, [(p - origin, d - origin) for p, d in stamps])
+
+        # Pass 2: copy the packets, bytes untouched, at their new times.
+        try:
+            self._copy_packets(segment_path, placed, last_duration)
+        except Exception as exc:
+            raise _OutputTouched() from exc
+        self._last_dts = placed[-1][1]
+        if self._delay is None:
+            self._delay = stamps[0][0] - stamps[0][1]
+        return count
+
+    def _place(self, segment_path: str, stamps: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+        """Output (pts, dts) in the output stream's time base for a segment's frame indices
+        (pts, dts in decode order, pts from 0), and the duration of its last packet.
+
+        Segments normally share one decode delay (x264 with B-frames: dts starts 2 frames
+        before pts), and then only a shift is needed. But x264 gives a segment of fewer than
+        3 frames no delay at all (dts == pts). The output keeps the first segment's delay:
+        a segment with less has its dts moved earlier (always legal); one with more, after a
+        short first segment, has its first dts squeezed just past the previous packet in the
+        output's finer time base (1/16384 s for mp4 at 16 fps), since dts only has to keep
+        decode order. Its last packet is then stretched by the delay it lost, because mp4
+        takes the track's length from the last dts plus the last duration.
+        """
+        tb = self._out_stream.time_base
+        delay = stamps[0][0] - stamps[0][1]  # pts - dts of the first packet: the encoder's delay
+        output_delay = delay if self._delay is None else self._delay
+        earlier = max(output_delay - delay, 0)  # frames to move this segment's dts back
+        lost = max(delay - output_delay, 0)  # frames of dts that squeezing will lose
+        placed = []
+        last = self._last_dts
+        for pts_index, dts_index in stamps:
+            pts = _round_half_up(Fraction(self.frames + pts_index, self.fps) / tb)
+            dts = _round_half_up(Fraction(self.frames + dts_index - earlier, self.fps) / tb)
+            if last is not None and dts <= last:
+                dts = last + 1
+            if dts > pts:
+                raise ValueError(f"segment {segment_path}: its decode delay cannot follow the previous "
+                                 f"segment's in time base {tb}")
+            placed.append((pts, dts))
+            last = dts
+        return placed, 1 + lost
+
+    def _copy_packets(self, segment_path: str, placed: list[tuple[int, int]], last_duration: int) -> None:
+        tb = self._out_stream.time_base
+        with av.open(segment_path) as segment:
+            stream = segment.streams.video[0]
+            index = 0
+            for packet in segment.demux(stream):
+                if packet.size == 0:
+                    continue
+                if index == len(placed):
+                    raise ValueError(f"segment {segment_path}: changed while it was read")
+                packet.time_base = tb
+                packet.pts, packet.dts = placed[index]
+                frames = 1 if index < len(placed) - 1 else last_duration
+                packet.duration = _round_half_up(Fraction(frames, self.fps) / tb)
+                packet.stream = self._out_stream
+                self._out.mux(packet)
+                index += 1
+            if index != len(placed):
+                raise ValueError(f"segment {segment_path}: changed while it was read")
+
+    def _open_output(self, segment_path: str) -> None:
+        container_format = "mp4" if self.fmt == "mp4" else "matroska"
+        out = av.open(self._tmp, "w", format=container_format)
+        try:
+            with av.open(segment_path) as segment:
+                out_stream = out.add_stream_from_template(segment.streams.video[0])
+            # Write the header now: the muxer fixes the stream's time base here, and every
+            # timestamp is computed in it (the template's extradata is already known).
+            out.start_encoding()
+        except BaseException:
+            out.close()
+            raise
+        self._out, self._out_stream = out, out_stream
+
+    # -- png ---------------------------------------------------------------------------
+
+    def _append_png(self, segment_path: str, expected: int | None) -> int:
+        with tarfile.open(segment_path, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            count = len(members)
+            if expected is not None and count != expected:
+                raise ValueError(f"segment {segment_path}: holds {count} frames, expected {expected}")
+            if count == 0:
+                raise ValueError(f"segment {segment_path}: holds no frames")
+            names = [m.name for m in members]
+            if names != [f"{i:06d}.png" for i in range(count)]:
+                raise ValueError(f"segment {segment_path}: members are not 000000.png.. in order")
+            blobs = [tar.extractfile(m).read() for m in members]
+        for name, blob in zip(names, blobs):
+            if not blob.startswith(_PNG_SIGNATURE):
+                raise ValueError(f"segment {segment_path}: {name} is not a PNG")
+        try:
+            os.makedirs(self._tmp, exist_ok=True)
+            for i, blob in enumerate(blobs):
+                with open(os.path.join(self._tmp, f"{self.frames + i:06d}.png"), "wb") as f:
+                    f.write(blob)
+        except Exception as exc:
+            raise _OutputTouched() from exc
+        return count
+
+
+class _OutputTouched(Exception):
+    """Carries an error raised after a segment's frames began reaching the output."""
+
+
+def _video_stream(container, path: str):
+    if not container.streams.video:
+        raise ValueError(f"segment {path}: no video stream")
+    return container.streams.video[0]
+
+
+def _template_key(stream) -> tuple:
+    """What must match between segments for their packets to share one stream header."""
+    ctx = stream.codec_context
+    return (ctx.name, ctx.width, ctx.height, ctx.format.name if ctx.format else None,
+            bytes(ctx.extradata or b""))
+
+
+def _on_grid(timestamp: int | None, time_base: Fraction, fps: int, path: str) -> int:
+    """A timestamp as a frame index; Matroska's millisecond clock rounds 1/fps, so allow slack."""
+    if timestamp is None:
+        raise ValueError(f"segment {path}: a packet has no timestamp")
+    frames = timestamp * time_base * fps
+    index = round(frames)
+    if abs(frames - index) > Fraction(1, 4):
+        raise ValueError(f"segment {path}: timestamp {timestamp}*{time_base}s is not on the 1/{fps} s grid")
+    return index
+
+
+def _round_half_up(x: Fraction) -> int:
+    # Python's round() goes half to even; FFmpeg's rescaling goes half up. Matroska's
+    # millisecond clock at 16 fps hits halves on every odd frame.
+    return math.floor(x + Fraction(1, 2))
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move a finished directory into place, replacing an older one from a previous run."""
+    if not os.path.lexists(dst):
+        os.rename(src, dst)
+        return
+    # A non-empty directory can't be renamed over, so swap: old aside, new in, old away.
+    # Between the two renames dst is missing, never partial.
+    aside = f"{dst}.{uuid.uuid4().hex[:12]}.old"
+    os.rename(dst, aside)
+    os.rename(src, dst)
+    if os.path.isdir(aside) and not os.path.islink(aside):
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.remove(aside)

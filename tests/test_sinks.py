@@ -1,0 +1,235 @@
+"""Sinks: real encoders, real files; frames must come back exactly, in order."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import tarfile
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from actors.decoders import draw_index_frame, read_index
+from actors.sinks import (SinkResult, count_frames, nvenc_available, open_sink, read_frames, segment_suffix,
+                          video_name)
+
+H, W = 96, 128  # the test pattern needs >= 8 px blocks: 9 columns x 4 rows of blocks
+
+
+def pattern_frames(start: int, count: int, height: int = H, width: int = W) -> np.ndarray:
+    """uint8 RGB [F, H, W, 3] test-pattern frames start..start+count-1, tints varying."""
+    chw = torch.stack([draw_index_frame(i, height, width, float(np.sin(i)), "cpu")
+                       for i in range(start, start + count)])
+    return ((chw + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def noise_frames(count: int, seed: int = 0, height: int = H, width: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def visible(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_names():
+    assert [segment_suffix(f) for f in ("mp4", "ffv1", "png")] == [".mp4", ".mkv", ".tar"]
+    assert [video_name(f) for f in ("mp4", "ffv1", "png")] == ["video.mp4", "video.mkv", "frames"]
+    with pytest.raises(ValueError):
+        segment_suffix("gif")
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
+def test_round_trip_holds_every_frame_in_order(tmp_path, fmt):
+    frames = pattern_frames(100, 13)
+    path = tmp_path / f"seg{segment_suffix(fmt)}"
+    sink = open_sink(fmt, str(path), W, H, encoder="libx264")
+    for chunk in (frames[:1], frames[1:5], frames[5:9], frames[9:]):  # Wan's 1 + 4k chunking
+        sink.write(chunk)
+    # Nothing at the final path until close, only a hidden partial file beside it.
+    assert not path.exists()
+    result = sink.close()
+
+    assert isinstance(result, SinkResult)
+    assert result.path == str(path) and result.frames == 13
+    assert result.bytes == path.stat().st_size > 0
+    assert 0 <= result.flush_seconds <= result.encode_seconds
+    assert visible(tmp_path) == [path.name]
+    assert count_frames(str(path), fmt) == 13
+    back = read_frames(str(path), fmt)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    assert [read_index(f) for f in back] == list(range(100, 113))
+    if fmt in ("ffv1", "png"):
+        assert np.array_equal(back, frames)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("fmt", ["ffv1", "png"])
+def test_lossless_formats_keep_every_value(tmp_path, fmt, threads):
+    # Noise exercises all 256 levels in every channel, where a sneaky colour conversion shows.
+    frames = noise_frames(7)
+    path = tmp_path / f"noise{segment_suffix(fmt)}"
+    sink = open_sink(fmt, str(path), W, H, threads=threads)
+    for chunk in (frames[:1], frames[1:]):
+        sink.write(chunk)
+    assert sink.close().frames == 7
+    assert np.array_equal(read_frames(str(path), fmt), frames)
+
+
+def test_mp4_with_encoder_threads(tmp_path):
+    path = tmp_path / "seg.mp4"
+    sink = open_sink("mp4", str(path), W, H, encoder="libx264", threads=3)
+    sink.write(pattern_frames(0, 12))
+    assert sink.close().frames == 12
+    assert [read_index(f) for f in read_frames(str(path), "mp4")] == list(range(12))
+
+
+def test_mp4_colours_survive(tmp_path):
+    # The encoder converts with BT.709 and tags it; decoding must invert the same matrix.
+    colours = [(200, 60, 30), (20, 180, 90), (40, 50, 220), (128, 128, 128)]
+    frames = np.stack([np.broadcast_to(np.array(c, np.uint8), (H, W, 3)) for c in colours])
+    path = tmp_path / "flat.mp4"
+    sink = open_sink("mp4", str(path), W, H, encoder="libx264")
+    sink.write(frames)
+    sink.close()
+    back = read_frames(str(path), "mp4").astype(int)
+    assert np.abs(back - frames).max() <= 3
+
+
+def test_mp4_timing_and_keyframe(tmp_path):
+    fps = 16
+    path = tmp_path / "seg.mp4"
+    sink = open_sink("mp4", str(path), W, H, fps=fps, encoder="libx264")
+    sink.write(pattern_frames(0, 10))
+    sink.close()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.average_rate == fps
+        packets = [p for p in container.demux(stream) if p.size > 0]
+        assert packets[0].is_keyframe
+        assert sorted(p.pts * p.time_base for p in packets) == [Fraction(i, fps) for i in range(10)]
+        assert stream.duration * stream.time_base == Fraction(10, fps)
+
+
+@pytest.mark.parametrize("size", [(127, 96), (128, 95)])
+def test_mp4_odd_dimensions_rejected_before_writing(tmp_path, size):
+    width, height = size
+    with pytest.raises(ValueError, match="even"):
+        open_sink("mp4", str(tmp_path / "odd.mp4"), width, height)
+    assert visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
+def test_wrong_frames_rejected(tmp_path, fmt):
+    sink = open_sink(fmt, str(tmp_path / f"x{segment_suffix(fmt)}"), W, H)
+    with pytest.raises(ValueError):
+        sink.write(pattern_frames(0, 2, height=H, width=W + 16))  # would be silently rescaled
+    with pytest.raises(ValueError):
+        sink.write(pattern_frames(0, 2).astype(np.float32))
+    with pytest.raises(ValueError):
+        sink.write(pattern_frames(0, 2)[0])  # one frame without the F axis
+    sink.abort()
+    assert visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
+def test_abort_leaves_nothing(tmp_path, fmt):
+    sink = open_sink(fmt, str(tmp_path / f"x{segment_suffix(fmt)}"), W, H)
+    sink.write(pattern_frames(0, 9))
+    sink.abort()
+    sink.abort()
+    assert visible(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        sink.write(pattern_frames(9, 1))
+    with pytest.raises(RuntimeError):
+        sink.close()
+    assert visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
+def test_close_without_frames_fails_and_leaves_nothing(tmp_path, fmt):
+    sink = open_sink(fmt, str(tmp_path / f"x{segment_suffix(fmt)}"), W, H)
+    with pytest.raises(ValueError, match="no frames"):
+        sink.close()
+    sink.abort()
+    assert visible(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE semantics")
+@pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
+def test_encoder_error_propagates_and_sticks(tmp_path, fmt):
+    # A real failure inside the encoder/muxer: the file may not grow past 150 kB (EFBIG).
+    sink = open_sink(fmt, str(tmp_path / f"x{segment_suffix(fmt)}"), W, H, encoder="libx264")
+    frames = noise_frames(4)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, hard))
+    try:
+        with pytest.raises(OSError):
+            for _ in range(100):
+                sink.write(frames)
+            sink.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        sink.write(frames)
+    with pytest.raises(RuntimeError):
+        sink.close()
+    sink.abort()
+    sink.abort()
+    assert visible(tmp_path) == []
+
+
+def test_encoder_choice(tmp_path):
+    if nvenc_available():
+        sink = open_sink("mp4", str(tmp_path / "a.mp4"), W, H, encoder="auto")
+        sink.write(pattern_frames(0, 3))
+        assert sink.close().codec == "h264_nvenc"
+        return
+    # CPU machine (or a GPU without encoder engines): forcing NVENC fails at open, auto falls back.
+    with pytest.raises(av.error.FFmpegError):
+        open_sink("mp4", str(tmp_path / "a.mp4"), W, H, encoder="h264_nvenc")
+    assert visible(tmp_path) == []
+    sink = open_sink("mp4", str(tmp_path / "b.mp4"), W, H, encoder="auto")
+    sink.write(pattern_frames(0, 3))
+    assert sink.close().codec == "libx264"
+    with pytest.raises(ValueError):
+        open_sink("mp4", str(tmp_path / "c.mp4"), W, H, encoder="x265")
+
+
+def test_bad_x264_settings_fail_at_open(tmp_path):
+    with pytest.raises(av.error.FFmpegError):
+        open_sink("mp4", str(tmp_path / "a.mp4"), W, H, encoder="libx264", preset="no-such-preset")
+    assert visible(tmp_path) == []
+
+
+def test_close_replaces_an_older_file(tmp_path):
+    path = tmp_path / "seg.mkv"
+    path.write_bytes(b"stale segment from a failed attempt")
+    sink = open_sink("ffv1", str(path), W, H)
+    sink.write(pattern_frames(0, 3))
+    assert path.read_bytes() == b"stale segment from a failed attempt"
+    sink.close()
+    assert [read_index(f) for f in read_frames(str(path), "ffv1")] == [0, 1, 2]
+    assert visible(tmp_path) == ["seg.mkv"]
+
+
+def test_png_segment_is_a_plain_tar_of_numbered_pngs(tmp_path):
+    frames = pattern_frames(40, 6)
+    paths = []
+    for name in ("a.tar", "b.tar"):
+        sink = open_sink("png", str(tmp_path / name), W, H)
+        sink.write(frames)
+        sink.close()
+        paths.append(tmp_path / name)
+    with tarfile.open(paths[0], "r:") as tar:  # "r:" refuses compressed archives
+        members = tar.getmembers()
+        assert [m.name for m in members] == [f"{i:06d}.png" for i in range(6)]
+        assert all(tar.extractfile(m).read().startswith(b"\x89PNG\r\n\x1a\n") for m in members)
+    # A retried shard must produce the same object, byte for byte.
+    assert paths[0].read_bytes() == paths[1].read_bytes()
