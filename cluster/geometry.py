@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import torch
+
 from actors.decoders import TestPatternDecoder
 from jobs.spec import DecoderSpec
 
@@ -21,11 +23,11 @@ class DecoderGeometry:
 
 
 def wan_config(spec: DecoderSpec) -> dict:
-    """The VAE config a Wan spec decodes with: the weights' config.json, or the default one."""
+    """The VAE config a Wan spec decodes with: the weights' config.json, or the built-in one."""
     from actors import wan
 
     if spec.random_weights:
-        return wan.ti2v_config() if spec.name == "wan2.2-ti2v" else wan.default_wan_config()
+        return wan.ti2v_config() if spec.name == "wan2.2-ti2v" else {}
     from infra.storage import open_store
 
     store = open_store(spec.weights)
@@ -43,6 +45,11 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
     if spec.name == "test-pattern":
         d = TestPatternDecoder()
         return DecoderGeometry(d.z_dim, d.spatial_scale, d.receptive_field)
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
     from actors import wan
 
-    return wan.geometry_from_config(wan_config(spec))
+    with torch.device("meta"):  # topology only: no memory, no weights
+        vae = AutoencoderKLWan.from_config(wan_config(spec))
+    patch = vae.config.get("patch_size") or 1
+    return DecoderGeometry(int(vae.config["z_dim"]), 8 * patch, wan.receptive_field(vae.decoder))

@@ -1,0 +1,71 @@
+"""Shared fixtures: an isolated multi-node Ray cluster on this machine, a tiny Wan VAE folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_ray_tmpdir():
+    """Every Ray this test run starts lives under its own temp dir: nothing joins another's Ray."""
+    old = os.environ.get("RAY_TMPDIR")
+    # Short: Ray puts Unix sockets under it (107 bytes at most for a socket path).
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ff", dir="/tmp")
+    yield
+    if old is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = old
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head and two worker nodes, each with one fake GPU: three decode workers on three nodes.
+
+    Torch sees no CUDA, so the GPU-holding workers decode on the CPU (the CPU path).
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False,
+                                      "object_store_memory": 200 * 2**20})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=200 * 2**20) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A tiny random AutoencoderKLWan saved in diffusers format (config.json + safetensors)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
+    from actors.wan import tiny_wan_config
+
+    path = tmp_path_factory.mktemp("tiny-wan")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        vae = AutoencoderKLWan.from_config(tiny_wan_config())
+    vae.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def tiny_latents(latent_frames: int, seed: int = 0, h: int = 8, w: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, latent_frames, h, w, generator=g)
