@@ -41,7 +41,7 @@ class ShardTask:
     encoder: str = "auto"
     crf: int = 18
     preset: str = "veryfast"
-    encoder_threads: int = 1
+    encoder_threads: int = 0
     pipeline: str = "async"
     depth: int = 2
     attempt: int = 1
@@ -99,6 +99,9 @@ def describe_device(device: torch.device) -> dict:
 class ShardWorker:
     def __init__(self, device: str = "auto", scratch_dir: str | None = None):
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
+            torch.backends.cudnn.benchmark = True
         self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}

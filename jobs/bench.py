@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="a,b,c,d", help="subset of a,b,c,d")
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="veryfast")
-    p.add_argument("--encoder-threads", type=int, default=1)
+    p.add_argument("--encoder-threads", type=int, default=0, help="0: libx264 picks by core count")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--device", default="cuda")
     return p.parse_args(argv)
@@ -162,6 +162,7 @@ def run(args) -> dict:
                 row["c_speedup_over_a"] = row["a"]["wall_s"] / row["c"]["wall_s"]
             results["runs"].append(row)
             _print_row(row)
+            _save(results, args.out)
             if args.long_frames and "c" in variants and size == args.sizes.split(",")[0]:
                 long = torch.randn(16, args.long_frames, height // 8, width // 8, generator=g)
                 c_long = variant_pipeline(decoder, long, device, out + "-long.mp4", "async", args)
@@ -176,6 +177,12 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def _save(results, path):
+    """After every row, so a run cut short by a time limit keeps what it measured."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 def _print_row(row):
@@ -199,8 +206,7 @@ def _print_row(row):
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    _save(results, args.out)
     print(f"\nwrote {args.out} ({results['card']})")
     return 0
 

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder", default="auto", choices=["auto", "libx264", "h264_nvenc"])
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="veryfast")
-    p.add_argument("--encoder-threads", type=int, default=1)
+    p.add_argument("--encoder-threads", type=int, default=0, help="0: the encoder picks by core count")
     p.add_argument("--pipeline", default="async", choices=["async", "sync"])
     p.add_argument("--depth", type=int, default=2, help="pinned host buffers in the pipeline's ring")
     p.add_argument("--max-attempts", type=int, default=3)

@@ -51,7 +51,7 @@ class RenderSpec(BaseModel):
     encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
     crf: int = Field(18, ge=0, le=51)
     preset: str = "veryfast"
-    encoder_threads: int = Field(1, ge=1)
+    encoder_threads: int = Field(0, ge=0, description="libx264 threads; 0 lets it choose by core count")
     pipeline: Literal["async", "sync"] = "async"
     depth: int = Field(2, ge=1, le=16)
     max_attempts: int = Field(3, ge=1)
