@@ -103,8 +103,12 @@ class WorkerPool:
 
 
 def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int):
-    """On the driver's node when it can be: it reads every segment and writes the video."""
+    """On the driver's node: it must outlive any worker node, and the driver's node does.
+
+    Hard affinity, because Ray's soft affinity spreads zero-CPU actors to other nodes
+    (seen with 2.60), where losing a worker node would take the stitcher with it.
+    """
     here = ray.get_runtime_context().get_node_id()
     return Stitcher.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
     ).remote(output_uri, fmt, fps, shard_count)

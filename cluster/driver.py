@@ -217,6 +217,12 @@ class RenderJob:
         store.put_bytes("manifest.parquet", manifest_parquet(rows))
         store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch))
         store.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
+        if not spec.keep_segments:
+            # Segments exist for retries and resumes; once the video is committed they are dead
+            # weight (the bucket's lifecycle rule expires those of abandoned jobs).
+            for m in all_metas:
+                store.delete(sidecar_key(m["key"]))
+                store.delete(m["key"])
         log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,
                  spec.output.rstrip("/") + "/" + stitch["video"], plan.frame_count, plan.frame_count / spec.fps,
                  wall)

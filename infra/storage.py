@@ -472,22 +472,32 @@ class S3Store:
             raise
         return response["Body"].read()
 
-    def _head(self, key: str) -> dict[str, Any] | None:
+    def _stat(self, key: str) -> dict[str, Any] | None:
+        """The listing entry of `key`, or None.
+
+        A one-key LIST rather than HEAD: under a least-privilege policy whose ListBucket is
+        limited to the job's prefix (infra/iam_policy.json), S3 answers HEAD of a missing
+        key with 403, not 404, so HEAD cannot tell "absent" from "forbidden".
+        """
+        full = self._key(key)
         try:
-            return self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
         except Exception as e:
             if _error_code(e) in _NOT_FOUND_CODES:
                 return None
             raise
+        contents = page.get("Contents") or []
+        # Keys sort lexicographically, so the key itself, if present, comes first.
+        return contents[0] if contents and contents[0]["Key"] == full else None
 
     def exists(self, key: str) -> bool:
-        return self._head(key) is not None
+        return self._stat(key) is not None
 
     def size(self, key: str) -> int:
-        head = self._head(key)
-        if head is None:
+        stat = self._stat(key)
+        if stat is None:
             raise self._missing(key)
-        return int(head["ContentLength"])
+        return int(stat["Size"])
 
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)

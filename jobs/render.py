@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", default="async", choices=["async", "sync"])
     p.add_argument("--depth", type=int, default=2, help="pinned host buffers in the pipeline's ring")
     p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--keep-segments", action="store_true",
+                   help="keep OUTPUT/segments/ after the video is committed (default: delete them)")
     p.add_argument("--price-per-gpu-hour", type=float, default=3.36)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, "
                                      "or a new embedded one)")
@@ -71,7 +73,7 @@ def spec_from_args(args: argparse.Namespace):
         latents=args.latents, output=args.output, decoder=decoder, overlap=args.overlap, workers=args.workers,
         shard_frames=args.shard_frames, format=args.format, fps=args.fps, device=args.device,
         encoder=args.encoder, crf=args.crf, preset=args.preset, encoder_threads=args.encoder_threads,
-        pipeline=args.pipeline, depth=args.depth, max_attempts=args.max_attempts,
+        pipeline=args.pipeline, depth=args.depth, max_attempts=args.max_attempts, keep_segments=args.keep_segments,
         price_per_gpu_hour=args.price_per_gpu_hour)
 
 

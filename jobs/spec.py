@@ -55,6 +55,7 @@ class RenderSpec(BaseModel):
     pipeline: Literal["async", "sync"] = "async"
     depth: int = Field(2, ge=1, le=16)
     max_attempts: int = Field(3, ge=1)
+    keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
     price_per_gpu_hour: float = Field(3.36, ge=0, description="for the cost estimate (G7e on demand)")
 
     @field_validator("overlap", mode="before")

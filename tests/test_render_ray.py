@@ -66,6 +66,8 @@ def test_every_frame_exactly_once_in_order(ray_cluster, tmp_path, fmt):
     trace = json.load(open(os.path.join(out, "timeline.json")))
     assert sum(e["name"].startswith("shard ") for e in trace["traceEvents"]) == 10
     assert result.summary["frames"] == pixel_frames(t)
+    # Segments are intermediate: gone once the video is committed (unless --keep-segments).
+    assert [f for _, _, files in os.walk(os.path.join(out, "segments")) for f in files] == []
 
 
 def _clean_reference(tmp_path, latents):

@@ -49,7 +49,7 @@ def test_s3_latents_to_s3_video(s3_ray, tmp_path):
     s3.upload_file(str(tmp_path / "in.safetensors"), bucket, "inputs/clip.safetensors")
     out = f"s3://{bucket}/renders/clip"
     result = render(f"s3://{bucket}/inputs/clip.safetensors", out, decoder={"name": "test-pattern"},
-                    format="mp4", shard_frames=4, workers=2, progress=False)
+                    format="mp4", shard_frames=4, workers=2, keep_segments=True, progress=False)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/clip/")["Contents"]}
     for name in ("video.mp4", "manifest.parquet", "summary.json", "timeline.json"):
         assert f"renders/clip/{name}" in keys
