@@ -63,13 +63,13 @@ class PipelineReport:
 
     @property
     def bottleneck(self) -> str:
-        """The stage that limited throughput: the one the others waited for."""
-        if self.mode == "sync":
-            stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
-            return max(stages, key=stages.get)
-        if self.wait_for_buffer_s > 0.05 * self.wall_s:
-            return "host" if self.host_busy_s >= self.copy_s else "copy"
-        return "gpu"
+        """The stage with the most work: in a pipeline it sets the pace, the others wait for it.
+
+        Waits are not evidence: in the async mode the decode loop also waits for a free buffer
+        when the GPU itself is behind, since a buffer comes back only after its copy landed.
+        """
+        stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
+        return max(stages, key=stages.get)
 
     def as_dict(self) -> dict:
         d = asdict(self)
