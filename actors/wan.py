@@ -374,6 +374,29 @@ def tiny_wan_config(variant: str = "2.1") -> dict:
     }
 
 
+def ti2v_config() -> dict:
+    """The Wan 2.2 TI2V-5B VAE architecture (z_dim 48, patch_size 2, 16x spatial).
+
+    For random-weight benchmarks only: the real model's latents_mean/std ship with its
+    weights (config.json), so here they are the identity normalization.
+    """
+    return {
+        "base_dim": 160,
+        "decoder_base_dim": 256,
+        "z_dim": 48,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "latents_mean": [0.0] * 48,
+        "latents_std": [1.0] * 48,
+    }
+
+
 def random_wan_decoder(config: dict | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32, seed: int = 0) -> WanDecoder:
     """A decoder with diffusers' default (random) init; `config=None` is the real Wan 2.1 VAE."""

@@ -19,7 +19,7 @@ import torch
 from actors.decoders import Decoder, TestPatternDecoder
 from actors.pipeline import run_pipeline
 from infra.checksum import sha256_file
-from actors.sinks import open_sink, segment_suffix
+from actors.sinks import nvenc_available, open_sink, segment_suffix
 from cluster.latents import check_fits
 from cluster.plan import Shard
 from jobs.spec import DecoderSpec
@@ -105,12 +105,22 @@ class ShardWorker:
         self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}
+        self._auto_encoder: str | None = None
         self.info = describe_device(self.device)
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
             self._decoders[spec] = build_decoder(spec, self.device)
         return self._decoders[spec]
+
+    def _encoder(self, requested: str) -> str:
+        """Resolve "auto" once per worker, so every segment of a job uses the same encoder
+        (the stitcher refuses to join segments whose codec parameters differ)."""
+        if requested != "auto":
+            return requested
+        if self._auto_encoder is None:
+            self._auto_encoder = "h264_nvenc" if nvenc_available() else "libx264"
+        return self._auto_encoder
 
     def render_shard(self, task: ShardTask, latents: torch.Tensor) -> dict:
         """Decode `latents` (the shard's CTHW slice, context included) into one committed segment.
@@ -135,7 +145,7 @@ class ShardWorker:
         latents = latents.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        sink = open_sink(task.format, local, width, height, task.fps, encoder=task.encoder,
+        sink = open_sink(task.format, local, width, height, task.fps, encoder=self._encoder(task.encoder),
                          crf=task.crf, preset=task.preset, threads=task.encoder_threads)
         pipeline_started = time.time()
         report, result = run_pipeline(decoder.stream(latents), sink, drop=shard.drop, mode=task.pipeline,

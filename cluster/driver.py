@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util import metrics
 from tqdm.auto import tqdm
 
 from actors.worker import ShardTask, segment_key, sidecar_key
@@ -84,16 +85,23 @@ class RenderJob:
         self.cancelled = threading.Event()
         self.frames_done = 0
         self.frames_total = 0
+        self._prepared = None
 
     def cancel(self):
         self.cancelled.set()
+
+    def prepare(self) -> tuple[torch.Tensor, int, str]:
+        """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
+        if self._prepared is None:
+            self._prepared = prepare(self.spec, self._latents)
+        return self._prepared
 
     def run(self) -> JobResult:
         from infra.storage import open_store
 
         t_job = time.time()
         spec = self.spec
-        latents, context, fingerprint = prepare(spec, self._latents)
+        latents, context, fingerprint = self.prepare()
         own_pool = self.pool is None
         if own_pool:
             use_gpu, workers = resolve_workers(spec.device, spec.workers)
@@ -124,6 +132,7 @@ class RenderJob:
                    file=sys.stderr, mininterval=1.0)
         bar.update(sum(m["frames"] for m in metas.values()))
         self.frames_done = bar.n
+        pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
         inflight: dict = {}  # ref -> (shard, attempt, actor)
         busy: set = set()
         slices: dict[int, ray.ObjectRef] = {}
@@ -135,6 +144,7 @@ class RenderJob:
                 if self.cancelled.is_set():
                     raise JobCancelled(f"job {job_id} cancelled")
                 pool.poll_ready()
+                pending.set(len(todo) + len(inflight), tags={"job": job_id})
                 for actor in [a for a in pool.actors if a not in busy]:
                     if not todo:
                         break

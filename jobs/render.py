@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.driver import RenderJob
 
     latents = demo_latents(args.demo_frames) if args.demo else None
+    job = RenderJob(spec, latents, progress=True, startup_timeout_s=args.startup_timeout)
     try:
+        job.prepare()  # bad input fails here, before Ray is started or joined
         started = connect(args.address)
         try:
-            result = RenderJob(spec, latents, progress=True, startup_timeout_s=args.startup_timeout).run()
+            result = job.run()
         finally:
             if started:
                 import ray
