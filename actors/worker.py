@@ -122,6 +122,14 @@ class ShardWorker:
             self._auto_encoder = "h264_nvenc" if nvenc_available() else "libx264"
         return self._auto_encoder
 
+    def check_input(self, spec: DecoderSpec, latent_height: int, latent_width: int) -> dict:
+        """Refuse a frame size this device cannot decode, before any decode work or output."""
+        decoder = self.decoder(spec)
+        height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
+        peak = decoder.peak_memory_bytes(height, width)
+        check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"])
+        return {"peak_memory_bytes": peak, "height": height, "width": width}
+
     def render_shard(self, task: ShardTask, latents: torch.Tensor) -> dict:
         """Decode `latents` (the shard's CTHW slice, context included) into one committed segment.
 
@@ -135,10 +143,8 @@ class ShardWorker:
             raise ValueError(f"shard {shard.index}: got {latents.shape[1]} latent frames, "
                              f"expected {shard.decoded_latent_frames}")
         decoder = self.decoder(task.decoder)
-        height = latents.shape[2] * decoder.spatial_scale
-        width = latents.shape[3] * decoder.spatial_scale
-        check_fits(decoder.peak_memory_bytes(height, width), self.info["device_memory"], height, width,
-                   self.info["device_name"])
+        size = self.check_input(task.decoder, latents.shape[2], latents.shape[3])
+        height, width = size["height"], size["width"]
         store = open_store(task.output_uri)
         local = os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
                              f"{segment_suffix(task.format)}")

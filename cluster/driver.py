@@ -126,6 +126,17 @@ class RenderJob:
         if metas:
             log.info("job %s: reusing %d committed segments", job_id, len(metas))
 
+        if todo:
+            pool.wait_ready(self.startup_timeout_s)
+            # The first worker up loads the model and says whether a frame fits its device;
+            # a refusal here comes before the stitcher exists, so nothing is written.
+            try:
+                ray.get(pool.actors[0].check_input.remote(spec.decoder, latents.shape[2], latents.shape[3]))
+            except RayTaskError as exc:
+                if own_pool:
+                    pool.shutdown()
+                    self.pool = None
+                raise _unwrap(exc) from None
         stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
         stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
@@ -138,8 +149,6 @@ class RenderJob:
         slices: dict[int, ray.ObjectRef] = {}
         ok = False
         try:
-            if todo:
-                pool.wait_ready(self.startup_timeout_s)
             while todo or inflight:
                 if self.cancelled.is_set():
                     raise JobCancelled(f"job {job_id} cancelled")

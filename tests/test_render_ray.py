@@ -113,3 +113,15 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
     assert result.summary["retried_shards"] >= 1
     assert victim.node_id not in {r["node_id"] for r in result.manifest if r["attempts"] > 1}
+
+
+def test_frame_too_large_for_the_device_is_refused_before_any_output(ray_cluster, tmp_path):
+    from cluster.latents import InputError
+
+    out = tmp_path / "huge"
+    # 4000x4000 pixels in fp32 needs hundreds of GiB per decode stream: more than these
+    # workers' device has (the host's RAM on a CPU worker).
+    with pytest.raises(InputError, match="4000x4000 needs about"):
+        render(tiny_latents(2, h=500, w=500), str(out), decoder={"name": "wan2.1", "random_weights": True},
+               workers=1, progress=False)
+    assert not out.exists()
