@@ -97,6 +97,42 @@ def to_uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
     return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
+# BT.709 (Kr 0.2126, Kb 0.0722) in limited range: Y in [16, 235], Cb/Cr in [16, 240].
+_BT709_YUV = torch.tensor([
+    [0.2126, 0.7152, 0.0722],
+    [-0.2126 / 1.8556, -0.7152 / 1.8556, 0.5],
+    [0.5, -0.7152 / 1.5748, -0.0722 / 1.5748],
+])
+
+
+def to_yuv420_frames(chunk: torch.Tensor) -> torch.Tensor:
+    """CFHW in [-1, 1] -> [F, H*3/2, W] uint8 I420 (BT.709, limited range), on the chunk's device.
+
+    Starts from the same rounded 8-bit RGB as `to_uint8_frames`; chroma is the mean of each
+    2x2 block. Half the bytes of RGB to copy, and no colour conversion left for the host.
+    """
+    c, f, h, w = chunk.shape
+    rgb = to_uint8_frames(chunk).float().div_(255.0)  # FHWC in [0, 1]
+    yuv = rgb @ _BT709_YUV.to(rgb.device).T  # FHW3: Y in [0, 1], Cb/Cr in [-0.5, 0.5]
+    y = yuv[..., 0].mul(219.0).add_(16.0)
+    chroma = torch.nn.functional.avg_pool2d(yuv[..., 1:].permute(0, 3, 1, 2), 2)  # F,2,H/2,W/2
+    chroma = chroma.mul_(224.0).add_(128.0)
+    out = torch.empty((f, h * 3 // 2, w), dtype=torch.uint8, device=chunk.device)
+    flat = out.view(f, -1)  # I420: the Y plane, then U, then V, each row-major
+    flat[:, : h * w] = y.round_().clamp_(0, 255).to(torch.uint8).reshape(f, -1)
+    flat[:, h * w :] = chroma.round_().clamp_(0, 255).to(torch.uint8).reshape(f, -1)
+    return out
+
+
+def frame_converter(layout: str):
+    """The GPU-side conversion that hands a sink frames in the layout it takes."""
+    if layout == "yuv420p":
+        return to_yuv420_frames
+    if layout == "rgb24":
+        return to_uint8_frames
+    raise ValueError(f"unknown frame layout {layout!r}")
+
+
 def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, mode: Mode = "async",
                  depth: int = 2, device: torch.device | str = "cpu") -> tuple[PipelineReport, SinkResult]:
     """Drive `chunks` (a decoder's stream) into `sink`, dropping the first `drop` frames.
@@ -109,13 +145,14 @@ def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, m
     report = PipelineReport(mode=mode)
     start = time.perf_counter()
     try:
+        convert = frame_converter(getattr(sink, "layout", "rgb24"))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             run = _run_sync_cuda if mode == "sync" else _run_async_cuda
-            run(chunks, sink, drop, depth, device, report)
+            run(chunks, sink, convert, drop, depth, device, report)
         else:
             run = _run_sync_cpu if mode == "sync" else _run_async_cpu
-            run(chunks, sink, drop, depth, report)
+            run(chunks, sink, convert, drop, depth, report)
         t = time.perf_counter()
         result = sink.close()
         report.flush_s = time.perf_counter() - t
@@ -139,7 +176,7 @@ def _trim(frames: torch.Tensor, to_drop: int) -> tuple[torch.Tensor, int]:
 # --- synchronous ---------------------------------------------------------------------------
 
 
-def _run_sync_cpu(chunks, sink, drop, depth, report):
+def _run_sync_cpu(chunks, sink, convert, drop, depth, report):
     it = iter(chunks)
     t_first = None
     while True:
@@ -147,7 +184,7 @@ def _run_sync_cpu(chunks, sink, drop, depth, report):
         chunk = next(it, None)
         if chunk is None:
             break
-        frames, drop = _trim(to_uint8_frames(chunk), drop)
+        frames, drop = _trim(convert(chunk), drop)
         t1 = time.perf_counter()
         t_first = t0 if t_first is None else t_first
         report.gpu_busy_s += t1 - t0
@@ -159,7 +196,7 @@ def _run_sync_cpu(chunks, sink, drop, depth, report):
         report.host_busy_s += time.perf_counter() - t1
 
 
-def _run_sync_cuda(chunks, sink, drop, depth, device, report):
+def _run_sync_cuda(chunks, sink, convert, drop, depth, device, report):
     it = iter(chunks)
     spans = []
     while True:
@@ -169,7 +206,7 @@ def _run_sync_cuda(chunks, sink, drop, depth, device, report):
         chunk = next(it, None)
         if chunk is None:
             break
-        frames, drop = _trim(to_uint8_frames(chunk), drop)
+        frames, drop = _trim(convert(chunk), drop)
         end.record()
         spans.append((begin, end))
         report.chunks += 1
@@ -246,7 +283,7 @@ class _HostWorker:
         self.check()
 
 
-def _run_async_cpu(chunks, sink, drop, depth, report):
+def _run_async_cpu(chunks, sink, convert, drop, depth, report):
     free = threading.Semaphore(depth)  # the ring: at most `depth` chunks wait for the host
     host = _HostWorker(sink, report, on_done=lambda _slot: free.release())
     ok = False
@@ -258,7 +295,7 @@ def _run_async_cpu(chunks, sink, drop, depth, report):
             chunk = next(it, None)
             if chunk is None:
                 break
-            frames, drop = _trim(to_uint8_frames(chunk), drop)
+            frames, drop = _trim(convert(chunk), drop)
             t1 = time.perf_counter()
             t_first = t0 if t_first is None else t_first
             report.gpu_busy_s += t1 - t0
@@ -285,7 +322,7 @@ def _acquire(free: threading.Semaphore, host: _HostWorker, report: PipelineRepor
     report.wait_for_buffer_s += time.perf_counter() - t
 
 
-def _run_async_cuda(chunks, sink, drop, depth, device, report):
+def _run_async_cuda(chunks, sink, convert, drop, depth, device, report):
     compute = torch.cuda.Stream(device)
     copy = torch.cuda.Stream(device)
     ring: list[torch.Tensor | None] = [None] * depth  # pinned buffers, sized by the first chunk
@@ -306,7 +343,7 @@ def _run_async_cuda(chunks, sink, drop, depth, device, report):
                 chunk = next(it, None)
                 if chunk is None:
                     break
-                frames, drop = _trim(to_uint8_frames(chunk), drop)
+                frames, drop = _trim(convert(chunk), drop)
                 end.record(compute)
             spans.append((begin, end))
             report.chunks += 1

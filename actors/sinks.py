@@ -54,8 +54,13 @@ class SinkResult:
 
 
 class Sink(Protocol):
+    # The frame layout `write` takes most cheaply: "rgb24" ([F, H, W, 3]) or "yuv420p"
+    # ([F, H*3/2, W], I420 planes stacked, BT.709 limited range) which the frame pipeline
+    # produces on the GPU, saving the host a colour conversion and the copy half its bytes.
+    layout: str
+
     def write(self, frames: np.ndarray) -> None:
-        """Encode uint8 RGB frames [F, H, W, 3], F >= 1, in order."""
+        """Encode uint8 frames in `layout` (or RGB [F, H, W, 3]), F >= 1, in order."""
         ...
 
     def close(self) -> SinkResult:
@@ -140,6 +145,7 @@ class _BaseSink:
     """Bookkeeping shared by the sinks: state, timing, frame checks, failure latching."""
 
     codec = ""
+    layout = "rgb24"
 
     def __init__(self, path: str, width: int, height: int):
         self._staged = _Staged(path)
@@ -207,6 +213,13 @@ class _BaseSink:
 
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
         frames = np.asarray(frames)
+        if self.layout == "yuv420p" and frames.ndim == 3:
+            if frames.shape[1:] != (self.height * 3 // 2, self.width) or frames.shape[0] < 1:
+                raise ValueError(f"{self.path}: expected yuv420p frames [F>=1, {self.height * 3 // 2}, "
+                                 f"{self.width}], got {list(frames.shape)}")
+            if frames.dtype != np.uint8:
+                raise ValueError(f"{self.path}: expected uint8 frames, got {frames.dtype}")
+            return frames
         # The encoders' reformatters would silently rescale a frame of the wrong size.
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3) or frames.shape[0] < 1:
             raise ValueError(f"{self.path}: expected frames [F>=1, {self.height}, {self.width}, 3], "
@@ -293,7 +306,11 @@ class _Mp4Sink(_AvSink):
         # Constant quality: vbr with cq and no bitrate target is NVENC's nearest to x264's crf.
         return {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf), "b": "0"}
 
+    layout = "yuv420p"
+
     def _to_av_frame(self, rgb: np.ndarray) -> av.VideoFrame:
+        if rgb.ndim == 2:  # already I420 (converted on the GPU with the same BT.709 matrix)
+            return av.VideoFrame.from_ndarray(rgb, format="yuv420p")
         # Converted here rather than by the encoder, whose reformatter would use BT.601,
         # so that the matrix matches the stream's BT.709 tags.
         if self._reformatter is None:
