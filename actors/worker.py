@@ -106,6 +106,7 @@ class ShardWorker:
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}
         self._auto_encoder: str | None = None
+        self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
         self.info = describe_device(self.device)
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
@@ -155,7 +156,7 @@ class ShardWorker:
                          crf=task.crf, preset=task.preset, threads=task.encoder_threads)
         pipeline_started = time.time()
         report, result = run_pipeline(decoder.stream(latents), sink, drop=shard.drop, mode=task.pipeline,
-                                      depth=task.depth, device=self.device)
+                                      depth=task.depth, device=self.device, ring=self._ring)
         pipeline_ended = time.time()
         try:
             if result.frames != shard.frame_count:
