@@ -18,6 +18,8 @@ import torch
 
 from actors.decoders import Decoder, TestPatternDecoder
 from actors.pipeline import run_pipeline
+from actors.wan import WanDecoder
+from actors.wan_context import stream_with_context
 from infra.checksum import sha256_file
 from actors.sinks import nvenc_available, open_sink, segment_suffix
 from cluster.latents import check_fits
@@ -43,6 +45,7 @@ class ShardTask:
     preset: str = "veryfast"
     encoder_threads: int = 0
     pipeline: str = "async"
+    context_mode: str = "pruned"
     depth: int = 2
     attempt: int = 1
 
@@ -155,7 +158,12 @@ class ShardWorker:
         sink = open_sink(task.format, local, width, height, task.fps, encoder=self._encoder(task.encoder),
                          crf=task.crf, preset=task.preset, threads=task.encoder_threads)
         pipeline_started = time.time()
-        report, result = run_pipeline(decoder.stream(latents), sink, drop=shard.drop, mode=task.pipeline,
+        if task.context_mode == "pruned" and isinstance(decoder, WanDecoder):
+            # Context latents only warm the cache of the stages that need them; no frame to drop.
+            chunks, drop = stream_with_context(decoder, latents, shard.context), 0
+        else:
+            chunks, drop = decoder.stream(latents), shard.drop
+        report, result = run_pipeline(chunks, sink, drop=drop, mode=task.pipeline,
                                       depth=task.depth, device=self.device, ring=self._ring)
         pipeline_ended = time.time()
         try:

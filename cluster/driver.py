@@ -57,8 +57,9 @@ def latents_digest(latents: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int, str]:
-    """Step 1, no Ray: validated CTHW latents, the left context shards need, the job fingerprint."""
+def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float | None, str]:
+    """Step 1, no Ray: validated CTHW latents, the left context shards need, what that context
+    costs to decode (latent frames' worth; None when decoded in full), the job fingerprint."""
     from infra.storage import open_store
 
     open_store(spec.output)  # a bad output URI fails here, not after the decode
@@ -69,7 +70,10 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torc
         latents = read_latents(spec.latents)
     latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents")
     context = geometry.receptive_field if spec.overlap == "exact" else spec.overlap
-    return latents, context, spec.fingerprint(latents_digest(latents))
+    cost = None
+    if spec.context_mode == "pruned":
+        cost = geometry.context_cost(latents.shape[2], latents.shape[3], context)
+    return latents, context, cost, spec.fingerprint(latents_digest(latents))
 
 
 class RenderJob:
@@ -90,7 +94,7 @@ class RenderJob:
     def cancel(self):
         self.cancelled.set()
 
-    def prepare(self) -> tuple[torch.Tensor, int, str]:
+    def prepare(self) -> tuple[torch.Tensor, int, float | None, str]:
         """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
         if self._prepared is None:
             self._prepared = prepare(self.spec, self._latents)
@@ -101,19 +105,20 @@ class RenderJob:
 
         t_job = time.time()
         spec = self.spec
-        latents, context, fingerprint = self.prepare()
+        latents, context, context_cost, fingerprint = self.prepare()
         own_pool = self.pool is None
         if own_pool:
             use_gpu, workers = resolve_workers(spec.device, spec.workers)
             self.pool = WorkerPool(workers, use_gpu)
         pool = self.pool
-        plan = plan_shards(latents.shape[1], pool.size, context, spec.shard_frames)
+        plan = plan_shards(latents.shape[1], pool.size, context, spec.shard_frames, context_cost)
         store = open_store(spec.output)
         job_id = fingerprint
         self.frames_total = plan.frame_count
         log.info("job %s: %d latent frames -> %d frames in %d shards on %d %s workers, context %d "
-                 "(overhead %.1f%%)", job_id, plan.latent_frames, plan.frame_count, len(plan.shards),
-                 pool.size, "GPU" if pool.use_gpu else "CPU", plan.context, 100 * plan.overhead)
+                 "(%.1f%% more latents, %.1f%% more decode work)", job_id, plan.latent_frames, plan.frame_count,
+                 len(plan.shards), pool.size, "GPU" if pool.use_gpu else "CPU", plan.context,
+                 100 * plan.overhead, 100 * plan.compute_overhead)
 
         metas: dict[int, dict] = {}
         todo: deque[tuple[Shard, int]] = deque()
@@ -166,6 +171,7 @@ class RenderJob:
                         segment_key=segment_key(fingerprint, shard, spec.format), decoder=spec.decoder,
                         format=spec.format, fps=spec.fps, encoder=spec.encoder, crf=spec.crf,
                         preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
+                        context_mode=spec.context_mode,
                         depth=spec.depth, attempt=attempt)
                     ref = actor.render_shard.remote(task, slices[shard.index])
                     inflight[ref] = (shard, attempt, actor)
@@ -229,7 +235,9 @@ class RenderJob:
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
                             plan_overhead=plan.overhead, stitch=stitch,
                             extra={"job_id": job_id, "latent_frames": plan.latent_frames,
-                                   "context": plan.context, "decoder": spec.decoder.model_dump(),
+                                   "context": plan.context, "context_mode": spec.context_mode,
+                                   "context_compute_overhead": plan.compute_overhead,
+                                   "decoder": spec.decoder.model_dump(),
                                    "format": spec.format,
                                    "decoded_latent_frames": sum(m["stop"] - m["context_start"]
                                                                 for m in all_metas if not m.get("reused"))})

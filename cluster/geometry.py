@@ -20,6 +20,17 @@ class DecoderGeometry:
     z_dim: int
     spatial_scale: int
     receptive_field: int
+    # The Wan decoder on the meta device (no weights): topology and cost model only.
+    meta_decoder: object | None = None
+
+    def context_cost(self, latent_height: int, latent_width: int, context: int) -> float | None:
+        """Steady latent frames' worth of work that pruned context costs (None: not prunable)."""
+        if self.meta_decoder is None:
+            return None
+        from actors.wan_context import context_cost_in_latents
+
+        s = self.spatial_scale
+        return context_cost_in_latents(self.meta_decoder, latent_height * s, latent_width * s, context)
 
 
 def wan_config(spec: DecoderSpec) -> dict:
@@ -47,9 +58,9 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
         return DecoderGeometry(d.z_dim, d.spatial_scale, d.receptive_field)
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
-    from actors import wan
+    from actors.wan import WanDecoder
 
     with torch.device("meta"):  # topology only: no memory, no weights
         vae = AutoencoderKLWan.from_config(wan_config(spec))
-    patch = vae.config.get("patch_size") or 1
-    return DecoderGeometry(int(vae.config["z_dim"]), 8 * patch, wan.receptive_field(vae.decoder))
+    decoder = WanDecoder(vae, device="meta")
+    return DecoderGeometry(decoder.z_dim, decoder.spatial_scale, decoder.receptive_field, decoder)

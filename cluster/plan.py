@@ -77,6 +77,9 @@ class ShardPlan:
     latent_frames: int
     context: int
     shards: tuple[Shard, ...]
+    # Decode work of one full context, in steady latent frames' worth: `context` when every
+    # context latent is decoded in full, much less when only the stages that need it run.
+    context_cost: float | None = None
 
     @property
     def frame_count(self) -> int:
@@ -91,19 +94,28 @@ class ShardPlan:
         """Context latent frames decoded per kept latent frame (0.0 means no waste)."""
         return (self.decoded_latent_frames - self.latent_frames) / self.latent_frames
 
+    @property
+    def compute_overhead(self) -> float:
+        """Decode work spent on context per unit of kept work (equals `overhead` unpruned)."""
+        cost = self.context if self.context_cost is None else self.context_cost
+        return sum(s.context / self.context * cost for s in self.shards) / self.latent_frames
+
 
 def plan_shards(
     latent_frames: int,
     workers: int,
     context: int,
     shard_latents: int | None = None,
+    context_cost: float | None = None,
 ) -> ShardPlan:
     """Split [0, latent_frames) into contiguous shards, each with `context` latents of left context.
 
     Without `shard_latents`, makes one shard a worker, sized so that the work each decodes
     (kept plus context latents) is balanced: the first shard has no context to pay for, so
     it is given more kept frames. With `shard_latents`, cuts shards of that many kept latents
-    (the last one shorter), which a driver schedules dynamically.
+    (the last one shorter), which a driver schedules dynamically. `context_cost` is what a
+    full context costs to decode, in latent frames' worth (default: `context`); balancing
+    uses it, so pruned context gives later shards nearly as many kept frames as the first.
     """
     if latent_frames < 1:
         raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
@@ -118,15 +130,15 @@ def plan_shards(
             raise ValueError(f"shard_latents must be >= 1, got {shard_latents}")
         bounds = list(range(0, latent_frames, shard_latents)) + [latent_frames]
     else:
-        bounds = _balanced_bounds(latent_frames, workers, context)
+        bounds = _balanced_bounds(latent_frames, workers, context if context_cost is None else context_cost)
     shards = tuple(
         Shard(index=i, start=a, stop=b, context_start=max(0, a - context))
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
     )
-    return ShardPlan(latent_frames=latent_frames, context=context, shards=shards)
+    return ShardPlan(latent_frames=latent_frames, context=context, shards=shards, context_cost=context_cost)
 
 
-def _balanced_bounds(latent_frames: int, workers: int, context: int) -> list[int]:
+def _balanced_bounds(latent_frames: int, workers: int, context: float) -> list[int]:
     """Cut points so each shard decodes about the same number of latent frames.
 
     Shard 0 decodes only what it keeps; every later shard also decodes up to `context`

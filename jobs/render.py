@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-weights", action="store_true", help="the real architecture, random weights")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--overlap", default="exact", help="'exact' (the receptive field) or N latent frames")
+    p.add_argument("--context-mode", default="pruned", choices=["pruned", "full"],
+                   help="decode context latents only through the stages that need them (same frames)")
     p.add_argument("--workers", type=int, help="decode workers (default: one per GPU, 2 on CPU)")
     p.add_argument("--shard-frames", type=int, help="kept latent frames per shard (default: one shard a worker)")
     p.add_argument("--format", default="mp4", choices=["mp4", "ffv1", "png"])
@@ -70,7 +72,7 @@ def spec_from_args(args: argparse.Namespace):
     decoder = {"name": args.decoder or ("test-pattern" if args.demo else "wan2.1"), "dtype": args.dtype,
                "weights": args.weights, "random_weights": args.random_weights}
     return RenderSpec(
-        latents=args.latents, output=args.output, decoder=decoder, overlap=args.overlap, workers=args.workers,
+        latents=args.latents, output=args.output, decoder=decoder, overlap=args.overlap, context_mode=args.context_mode, workers=args.workers,
         shard_frames=args.shard_frames, format=args.format, fps=args.fps, device=args.device,
         encoder=args.encoder, crf=args.crf, preset=args.preset, encoder_threads=args.encoder_threads,
         pipeline=args.pipeline, depth=args.depth, max_attempts=args.max_attempts, keep_segments=args.keep_segments,

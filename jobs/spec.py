@@ -43,6 +43,9 @@ class RenderSpec(BaseModel):
     output: str = Field(..., description="output folder: local path or s3://bucket/prefix")
     decoder: DecoderSpec = DecoderSpec(name="test-pattern")
     overlap: Literal["exact"] | int = "exact"
+    # How context latents are decoded: "pruned" runs each only through the stages that still
+    # need it (same frames, a fraction of the work); "full" decodes them whole (Wan only).
+    context_mode: Literal["pruned", "full"] = "pruned"
     workers: int | None = Field(None, ge=1, description="decode actors; default one per GPU (2 on CPU)")
     shard_frames: int | None = Field(None, ge=1, description="kept latent frames per shard")
     format: Format = "mp4"
@@ -73,7 +76,7 @@ class RenderSpec(BaseModel):
 
     def fingerprint(self, latents_digest: str) -> str:
         """What makes two runs' segments interchangeable (for resuming a job)."""
-        keep = self.model_dump(include={"decoder", "overlap", "shard_frames", "format", "fps", "encoder",
+        keep = self.model_dump(include={"decoder", "overlap", "context_mode", "shard_frames", "format", "fps", "encoder",
                                         "crf", "preset"})
         blob = json.dumps({"spec": keep, "latents": latents_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

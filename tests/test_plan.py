@@ -64,3 +64,17 @@ def test_bad_plans_are_refused():
         plan_shards(0, 2, 3)
     with pytest.raises(ValueError):
         plan_shards(10, 0, 3)
+
+
+def test_pruned_context_cost_rebalances_shards_and_reports_compute_overhead():
+    full = plan_shards(361, 4, 38)
+    pruned = plan_shards(361, 4, 38, context_cost=6.5)
+    # Same context in latents (exactness), far less work: later shards keep more frames.
+    assert all(s.context in (0, 38) for s in pruned.shards)
+    assert pruned.overhead == full.overhead
+    assert full.compute_overhead == pytest.approx(full.overhead)
+    assert pruned.compute_overhead == pytest.approx(3 * 6.5 / 361)
+    kept = [s.latent_frames for s in pruned.shards]
+    assert max(kept) - min(kept) <= 7  # vs 38 when context is paid in full
+    work = [s.latent_frames + (6.5 if s.context else 0) for s in pruned.shards]
+    assert max(work) - min(work) <= 1

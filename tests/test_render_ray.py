@@ -44,6 +44,12 @@ def test_exact_shards_equal_the_monolithic_decode(ray_cluster, tiny_wan_dir, tmp
     assert len(result.manifest) == 3 and all(r["context"] in (0, k) for r in result.manifest)
     assert len({r["node_id"] for r in result.manifest}) == 3  # one shard on each node
 
+    # Context decoded in full through every stage gives the very same frames.
+    whole = str(tmp_path / "full")
+    render(latents, whole, decoder={"name": "wan2.1", "weights": tiny_wan_dir}, format="ffv1", workers=3,
+           context_mode="full", progress=False)
+    np.testing.assert_array_equal(_video(whole, "ffv1"), reference)
+
     # With too little context the shards are not exact: the test can tell the difference.
     short = str(tmp_path / "short")
     render(latents, short, decoder={"name": "wan2.1", "weights": tiny_wan_dir}, format="ffv1", workers=3,
