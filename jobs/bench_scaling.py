@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--format", default="mp4")
     p.add_argument("--overlap", default="exact")
+    p.add_argument("--context-mode", default="pruned", choices=["pruned", "full"])
     p.add_argument("--encoder-threads", type=int, default=0)
     p.add_argument("--out", default="scaling.json")
     return p.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(16, args.latent_frames, height // 8, width // 8, generator=g)
     decoder = {"name": "wan2.1", "random_weights": True, "dtype": args.dtype}
-    options = dict(decoder=decoder, format=args.format, overlap=args.overlap,
+    options = dict(decoder=decoder, format=args.format, overlap=args.overlap, context_mode=args.context_mode,
                    encoder_threads=args.encoder_threads, progress=False)
     root = tempfile.mkdtemp(prefix="ffscale-")
     rows = []
@@ -59,12 +60,14 @@ def main(argv=None) -> int:
         decoded = s["decoded_latent_frames"]
         rows.append({"gpus": n, "wall_s": wall, "job_wall_s": s["wall_seconds"], "frames": s["frames"],
                      "decoded_latent_frames": decoded, "context_overhead": s["context_overhead"],
+                     "context_compute_overhead": s["context_compute_overhead"],
                      "decode_throughput": decoded / wall, "video_latents_per_s": args.latent_frames / wall,
                      "last_shard_to_video_s": s["last_shard_to_video_s"], "gpu_utilization": s["gpu_utilization"],
                      "shards": [{k: r[k] for k in ("shard", "start", "stop", "context", "wall_s", "gpu_busy_s",
                                                    "gpu_utilization", "bottleneck", "flush_s")}
                                 for r in result.manifest]})
-        print(f"{n} GPU: {wall:.1f} s, {decoded} latent frames decoded ({100 * s['context_overhead']:.1f}% context), "
+        print(f"{n} GPU: {wall:.1f} s, {decoded} latent frames decoded ({100 * s['context_overhead']:.1f}% context, "
+              f"{100 * s['context_compute_overhead']:.1f}% of the work), "
               f"last shard -> video {s['last_shard_to_video_s']:.2f} s", flush=True)
     base = rows[0]
     for r in rows:
@@ -72,12 +75,13 @@ def main(argv=None) -> int:
         r["speedup"] = base["wall_s"] / r["wall_s"]
     ray.shutdown()
     print(f"\n{card}, {args.size}, {args.latent_frames} latent frames ({rows[0]['frames']} frames), {args.dtype}, "
-          f"{args.format}, overlap {args.overlap}")
-    print(f"{'GPUs':>5}{'wall s':>9}{'decoded':>9}{'context':>9}{'lat/s':>8}{'vs linear':>11}{'speed-up':>10}"
-          f"{'tail s':>8}{'GPU util':>10}")
+          f"{args.format}, overlap {args.overlap}, context {args.context_mode}")
+    print(f"{'GPUs':>5}{'wall s':>9}{'decoded':>9}{'context':>9}{'ctx work':>9}{'lat/s':>8}{'vs linear':>11}"
+          f"{'speed-up':>10}{'tail s':>8}{'GPU util':>10}")
     for r in rows:
         util = r["gpu_utilization"]
         print(f"{r['gpus']:>5}{r['wall_s']:>9.1f}{r['decoded_latent_frames']:>9}{100 * r['context_overhead']:>8.1f}%"
+              f"{100 * r['context_compute_overhead']:>8.1f}%"
               f"{r['decode_throughput']:>8.2f}{100 * r['throughput_vs_linear']:>10.1f}%{r['speedup']:>10.2f}"
               f"{r['last_shard_to_video_s']:>8.2f}{(100 * util if util else 0):>9.1f}%")
     with open(args.out, "w") as f:
