@@ -182,14 +182,15 @@ def _trim(frames: torch.Tensor, to_drop: int) -> tuple[torch.Tensor, int]:
 # --- synchronous ---------------------------------------------------------------------------
 
 
-def _run_sync_cpu(chunks, sink, convert, drop, depth, report):
-    it = iter(chunks)
+def _cpu_steps(chunks, convert, drop, report):
+    """The decoder's steps timed on the CPU clock; yields each step's kept frames, if any."""
     t_first = None
+    it = iter(chunks)
     while True:
         t0 = time.perf_counter()
         chunk = next(it, None)
         if chunk is None:
-            break
+            return
         frames, drop = _trim(convert(chunk), drop)
         t1 = time.perf_counter()
         t_first = t0 if t_first is None else t_first
@@ -197,9 +198,15 @@ def _run_sync_cpu(chunks, sink, convert, drop, depth, report):
         report.gpu_span_s = t1 - t_first
         report.chunks += 1
         if frames.shape[0]:
-            sink.write(frames.numpy())
-            report.frames += frames.shape[0]
-        report.host_busy_s += time.perf_counter() - t1
+            yield frames
+
+
+def _run_sync_cpu(chunks, sink, convert, drop, depth, report):
+    for frames in _cpu_steps(chunks, convert, drop, report):
+        t = time.perf_counter()
+        sink.write(frames.numpy())
+        report.frames += frames.shape[0]
+        report.host_busy_s += time.perf_counter() - t
 
 
 def _run_sync_cuda(chunks, sink, convert, drop, depth, device, report):
@@ -294,21 +301,7 @@ def _run_async_cpu(chunks, sink, convert, drop, depth, report):
     host = _HostWorker(sink, report, on_done=lambda _slot: free.release())
     ok = False
     try:
-        it = iter(chunks)
-        t_first = None
-        while True:
-            t0 = time.perf_counter()
-            chunk = next(it, None)
-            if chunk is None:
-                break
-            frames, drop = _trim(convert(chunk), drop)
-            t1 = time.perf_counter()
-            t_first = t0 if t_first is None else t_first
-            report.gpu_busy_s += t1 - t0
-            report.gpu_span_s = t1 - t_first
-            report.chunks += 1
-            if not frames.shape[0]:
-                continue
+        for frames in _cpu_steps(chunks, convert, drop, report):
             _acquire(free, host, report)
             host.ready.put((frames.numpy(), None, None))
             report.frames += frames.shape[0]
