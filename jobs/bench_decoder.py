@@ -278,6 +278,8 @@ def run(args) -> dict:
 
     budget = Budget(args.time_budget_s)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # set_device and the memory statistics need an index
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
