@@ -89,6 +89,11 @@ class WorkerPool:
                     "Check `ray status` (an autoscaler may still be adding nodes; raise "
                     "--startup-timeout), or ask for fewer --workers.")
 
+    @property
+    def starting(self) -> int:
+        """Workers asked for that have not finished starting."""
+        return len(self._pending)
+
     def forget(self, actor):
         """Drop a dead actor from the pool."""
         if actor in self.actors:

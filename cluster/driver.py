@@ -31,7 +31,7 @@ from actors.worker import ShardTask, segment_key, sidecar_key
 from cluster.dispatch import WorkerPool, resolve_workers, start_stitcher
 from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
-from cluster.plan import Shard, ShardPlan, plan_shards
+from cluster.plan import ShardPlan, plan_shards
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
 from jobs.spec import RenderSpec
 
@@ -101,36 +101,39 @@ class RenderJob:
         return self._prepared
 
     def run(self) -> JobResult:
-        from infra.storage import open_store
-
         t_job = time.time()
-        spec = self.spec
         latents, context, context_cost, fingerprint = self.prepare()
         own_pool = self.pool is None
         if own_pool:
-            use_gpu, workers = resolve_workers(spec.device, spec.workers)
+            use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
             self.pool = WorkerPool(workers, use_gpu)
-        pool = self.pool
-        plan = plan_shards(latents.shape[1], pool.size, context, spec.shard_frames, context_cost)
+        try:
+            plan = plan_shards(latents.shape[1], self.pool.size, context, self.spec.shard_frames, context_cost)
+            return self._run(plan, latents, fingerprint, t_job)
+        finally:
+            if own_pool:
+                self.pool.shutdown()
+                self.pool = None
+
+    def _run(self, plan: ShardPlan, latents: torch.Tensor, job_id: str, t_job: float) -> JobResult:
+        """Steps 3-5 of the module's list, on a started pool."""
+        from infra.storage import open_store
+
+        spec, pool = self.spec, self.pool
         store = open_store(spec.output)
-        job_id = fingerprint
         self.frames_total = plan.frame_count
         log.info("job %s: %d latent frames -> %d frames in %d shards on %d %s workers, context %d "
                  "(%.1f%% more latents, %.1f%% more decode work)", job_id, plan.latent_frames, plan.frame_count,
                  len(plan.shards), pool.size, "GPU" if pool.use_gpu else "CPU", plan.context,
                  100 * plan.overhead, 100 * plan.compute_overhead)
-
         metas: dict[int, dict] = {}
-        todo: deque[tuple[Shard, int]] = deque()
         for shard in plan.shards:
-            reused = self._committed(store, segment_key(fingerprint, shard, spec.format), fingerprint)
+            reused = self._committed(store, segment_key(job_id, shard, spec.format), job_id)
             if reused is not None:
                 metas[shard.index] = reused
-            else:
-                todo.append((shard, 1))
         if metas:
             log.info("job %s: reusing %d committed segments", job_id, len(metas))
-
+        todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
         if todo:
             pool.wait_ready(self.startup_timeout_s)
             # The first worker up loads the model and says whether a frame fits its device;
@@ -138,12 +141,30 @@ class RenderJob:
             try:
                 ray.get(pool.actors[0].check_input.remote(spec.decoder, latents.shape[2], latents.shape[3]))
             except RayTaskError as exc:
-                if own_pool:
-                    pool.shutdown()
-                    self.pool = None
                 raise _unwrap(exc) from None
+
         stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
-        stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
+        ok = False
+        try:
+            stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
+            self._render_shards(plan, latents, job_id, todo, metas, stitcher, stitch_refs)
+            ray.get(stitch_refs)
+            stitch = ray.get(stitcher.finish.remote())
+            ok = True
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+        finally:
+            if not ok:
+                try:
+                    ray.get(stitcher.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            ray.kill(stitcher)
+        return self._report(plan, store, [metas[i] for i in sorted(metas)], stitch, job_id, t_job)
+
+    def _render_shards(self, plan, latents, job_id, todo, metas, stitcher, stitch_refs):
+        """Dispatch with ray.wait until every shard is committed; retry shards of lost workers."""
+        spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
                    file=sys.stderr, mininterval=1.0)
         bar.update(sum(m["frames"] for m in metas.values()))
@@ -151,8 +172,7 @@ class RenderJob:
         pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
         inflight: dict = {}  # ref -> (shard, attempt, actor)
         busy: set = set()
-        slices: dict[int, ray.ObjectRef] = {}
-        ok = False
+        slices: dict[int, ray.ObjectRef] = {}  # kept for retries: latents go to Ray once a shard
         try:
             while todo or inflight:
                 if self.cancelled.is_set():
@@ -164,24 +184,20 @@ class RenderJob:
                         break
                     shard, attempt = todo.popleft()
                     if shard.index not in slices:
-                        slices[shard.index] = ray.put(
-                            latents[:, shard.context_start:shard.stop].contiguous())
+                        slices[shard.index] = ray.put(latents[:, shard.context_start:shard.stop].contiguous())
                     task = ShardTask(
                         job_id=job_id, shard=shard, output_uri=spec.output,
-                        segment_key=segment_key(fingerprint, shard, spec.format), decoder=spec.decoder,
+                        segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,
                         format=spec.format, fps=spec.fps, encoder=spec.encoder, crf=spec.crf,
                         preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
-                        context_mode=spec.context_mode,
-                        depth=spec.depth, attempt=attempt)
-                    ref = actor.render_shard.remote(task, slices[shard.index])
-                    inflight[ref] = (shard, attempt, actor)
+                        context_mode=spec.context_mode, depth=spec.depth, attempt=attempt)
+                    inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
                     busy.add(actor)
                     self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
                                                "info": pool.info.get(actor)})
                 if not inflight:
-                    if not pool.actors and not pool._pending:
-                        pool.spawn(pool.size)  # every worker died: start new ones where Ray can
-                        pool.wait_ready(self.startup_timeout_s)
+                    # Shards wait and no worker is up: every one died. Wait for the replacements.
+                    pool.wait_ready(self.startup_timeout_s)
                     continue
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in done:
@@ -191,6 +207,7 @@ class RenderJob:
                         meta = ray.get(ref)
                     except RayActorError as exc:
                         pool.forget(actor)
+                        pool.spawn(1)  # a replacement, wherever Ray finds a free GPU (or none yet)
                         if attempt >= spec.max_attempts:
                             raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from exc
                         log.warning("shard %d: worker lost (%s); retrying elsewhere (attempt %d)",
@@ -198,8 +215,6 @@ class RenderJob:
                         self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
                         todo.appendleft((shard, attempt + 1))
                         continue
-                    except RayTaskError as exc:
-                        raise _unwrap(exc) from None
                     metas[shard.index] = meta
                     stitch_refs.append(stitcher.add.remote(meta))
                     bar.update(meta["frames"])
@@ -209,27 +224,15 @@ class RenderJob:
                              shard.index + 1, len(plan.shards), meta["hostname"], meta["frames"],
                              meta["ended"] - meta["started"], 100 * r["gpu_utilization"], r["bottleneck"])
                     self.on_event("done", meta)
-            ray.get(stitch_refs)
-            stitch = ray.get(stitcher.finish.remote())
-            ok = True
-        except RayTaskError as exc:
-            raise _unwrap(exc) from None
         finally:
             bar.close()
             for ref in inflight:
                 ray.cancel(ref, force=False)
-            if not ok:
-                try:
-                    ray.get(stitcher.abort.remote(), timeout=60)
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
-            ray.kill(stitcher)
-            if own_pool:
-                pool.shutdown()
-                self.pool = None
 
+    def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
+        """Step 5 after the video: manifest, timeline, summary; then drop the segments."""
+        spec, pool = self.spec, self.pool
         wall = time.time() - t_job
-        all_metas = [metas[i] for i in sorted(metas)]
         rows = manifest_rows(all_metas)
         summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall, workers=pool.size,
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,

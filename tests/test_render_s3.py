@@ -85,3 +85,15 @@ def test_missing_s3_latents_is_a_clear_error(s3_ray):
     with pytest.raises(InputError, match="no such latents file"):
         render(f"s3://{bucket}/nope.safetensors", f"s3://{bucket}/out", decoder={"name": "test-pattern"},
                progress=False)
+
+
+def test_no_gpu_for_a_gpu_job_is_said_not_waited_for(s3_ray, tmp_path):
+    """This module's Ray has no GPU: a job asking for GPU workers ends with what to check."""
+    from cluster.dispatch import NoWorkersError
+    from cluster.driver import RenderJob
+    from jobs.spec import RenderSpec
+
+    spec = RenderSpec(output=str(tmp_path / "out"), decoder={"name": "test-pattern"}, device="cuda", workers=1)
+    with pytest.raises(NoWorkersError, match=r"each needs 1 GPU.*ray status"):
+        RenderJob(spec, pattern_latents(3, 96, 128), progress=False, startup_timeout_s=3).run()
+    assert not (tmp_path / "out").exists()
