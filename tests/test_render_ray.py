@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from actors.decoders import pattern_latents, read_index
 from actors.pipeline import to_uint8_frames
@@ -131,3 +132,23 @@ def test_frame_too_large_for_the_device_is_refused_before_any_output(ray_cluster
         render(tiny_latents(2, h=500, w=500), str(out), decoder={"name": "wan2.1", "random_weights": True},
                workers=1, progress=False)
     assert not out.exists()
+
+
+def test_wan22_ti2v_vae_renders_exactly_through_the_same_path(ray_cluster, tmp_path):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
+    from actors.wan import tiny_wan_config
+
+    weights = tmp_path / "tiny-ti2v"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        AutoencoderKLWan.from_config(tiny_wan_config("2.2")).save_pretrained(str(weights))
+    decoder = load_wan_decoder(str(weights))
+    assert (decoder.z_dim, decoder.spatial_scale) == (48, 16)
+    t = decoder.receptive_field + 4
+    latents = torch.randn(48, t, 4, 4, generator=torch.Generator().manual_seed(5))
+    reference = np.concatenate([to_uint8_frames(c).numpy() for c in decoder.stream(latents)])
+    out = str(tmp_path / "ti2v")
+    render(latents, out, decoder={"name": "wan2.2-ti2v", "weights": str(weights)}, format="ffv1", workers=2,
+           progress=False)
+    np.testing.assert_array_equal(_video(out, "ffv1"), reference)
