@@ -236,6 +236,11 @@ class WanDecoder:
 
     # -- streaming -----------------------------------------------------------------------
 
+    def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (channels first, any trailing dims) -> what the decoder takes."""
+        shape = (-1,) + (1,) * (z.dim() - 1)
+        return z / self._inv_std.view(shape) + self._mean.view(shape)
+
     def new_state(self) -> DecodeState:
         return DecodeState(cache=[None] * self._cache_slots)
 
@@ -248,7 +253,7 @@ class WanDecoder:
         # (e.g. a uint8 conversion done with add_/mul_) in the caller outside the mode.
         with torch.no_grad():
             z = latent_frame.to(self.device, self.dtype, non_blocking=True)
-            z = (z / self._inv_std + self._mean).unsqueeze(0).unsqueeze(2).contiguous()  # 1,C,1,h,w
+            z = self.unnormalize(z).unsqueeze(0).unsqueeze(2).contiguous()  # 1,C,1,h,w
             x = self.post_quant_conv(z)
             kwargs = {"first_chunk": first} if self._takes_first_chunk else {}
             # feat_idx counts the cache slots the call has walked; it restarts every call.

@@ -297,7 +297,7 @@ def warm_state(decoder: WanDecoder, context_latents: torch.Tensor,
                 continue
             # The same input preparation as WanDecoder.step, so conv_in sees the same bits.
             z = context_latents[:, j].to(decoder.device, decoder.dtype, non_blocking=True)
-            z = (z / decoder._inv_std + decoder._mean).unsqueeze(0).unsqueeze(2).contiguous()
+            z = decoder.unnormalize(z).unsqueeze(0).unsqueeze(2).contiguous()
             x = decoder.post_quant_conv(z)
             _PrefixPass(state.cache, limit, first=(j == 0)).run(d, x)
     state.calls = n

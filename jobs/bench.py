@@ -66,7 +66,7 @@ def variant_a(vae, latents, decoder, device, dtype, path, args) -> dict:
     t0 = time.perf_counter()
     z = latents.to(device, dtype)
     # WanPipeline's un-normalization, in the VAE's dtype.
-    z = z / decoder._inv_std.view(-1, 1, 1, 1) + decoder._mean.view(-1, 1, 1, 1)
+    z = decoder.unnormalize(z)
     cuda = device.type == "cuda"
     if cuda:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
