@@ -282,10 +282,19 @@ class LocalStore:
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        # Folders exist only to hold keys, as in S3: drop the ones this left empty.
+        parent = os.path.dirname(path)
+        while parent != self.root and parent.startswith(self.root + os.sep):
+            try:
+                os.rmdir(parent)
+            except OSError:  # not empty (or already gone): stop here
+                break
+            parent = os.path.dirname(parent)
 
     def local_path(self, key: str) -> str | None:
         return self._path(key)

@@ -414,3 +414,16 @@ else:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_local_delete_drops_folders_it_empties(tmp_path):
+    from infra.storage import LocalStore
+
+    store = LocalStore(tmp_path / "root")
+    store.put_bytes("segments/job/a.mp4", b"a")
+    store.put_bytes("segments/job/b.mp4", b"b")
+    store.put_bytes("video.mp4", b"v")
+    store.delete("segments/job/a.mp4")
+    assert (tmp_path / "root" / "segments" / "job").is_dir()
+    store.delete("segments/job/b.mp4")
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["video.mp4"]
