@@ -175,6 +175,18 @@ def receptive_field(decoder: WanDecoder3d) -> int:
 # The streaming decoder
 
 
+def check_cthw(latents: torch.Tensor, z_dim: int) -> None:
+    """Called where a stream is made, not inside its generator, so bad input fails at the call."""
+    if latents.dim() != 4 or latents.shape[0] != z_dim:
+        raise ValueError(f"expected CTHW latents with {z_dim} channels, got {tuple(latents.shape)}")
+
+
+def steps(decoder, state, latents: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
+    """Decoder steps over latent frames start.. of CTHW `latents`, continuing `state`."""
+    for i in range(start, latents.shape[1]):
+        yield decoder.step(state, latents[:, i])
+
+
 @dataclass
 class DecodeState:
     """The causal cache of one stream: diffusers' `feat_cache` list, owned by the caller.
@@ -266,15 +278,8 @@ class WanDecoder:
 
     def stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """Decode CTHW normalized latents with a fresh cache; yield CFHW chunks, 1 then 4 frames."""
-        # Checked here, not in the generator, so that bad input fails at the call.
-        if latents.dim() != 4 or latents.shape[0] != self.z_dim:
-            raise ValueError(f"expected CTHW latents with {self.z_dim} channels, got {tuple(latents.shape)}")
-        return self._stream(latents)
-
-    def _stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        state = self.new_state()
-        for i in range(latents.shape[1]):
-            yield self.step(state, latents[:, i])
+        check_cthw(latents, self.z_dim)
+        return steps(self, self.new_state(), latents)
 
     # -- cost model ----------------------------------------------------------------------
 

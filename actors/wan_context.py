@@ -37,7 +37,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanUpBlock,
 )
 
-from actors.wan import DecodeState, WanDecoder, _decoder_ops, _Op, stage_receptive_fields
+from actors.wan import DecodeState, WanDecoder, _decoder_ops, _Op, check_cthw, stage_receptive_fields, steps
 
 # ---------------------------------------------------------------------------------------
 # The plan: how many of the last context latents each cached conv must process
@@ -315,17 +315,15 @@ def stream_with_context(decoder: WanDecoder, latents: torch.Tensor, context: int
     `latents` would yield them for those latents (4 frames each; 1 for the first when
     `context` is 0), so nothing has to be dropped.
     """
-    if latents.dim() != 4 or latents.shape[0] != decoder.z_dim:
-        raise ValueError(f"expected CTHW latents with {decoder.z_dim} channels, got {tuple(latents.shape)}")
+    check_cthw(latents, decoder.z_dim)
     if not 0 <= context < latents.shape[1]:
         raise ValueError(f"context {context} must be in [0, {latents.shape[1]}) latent frames")
     return _stream_with_context(decoder, latents, context)
 
 
 def _stream_with_context(decoder: WanDecoder, latents: torch.Tensor, context: int) -> Iterator[torch.Tensor]:
-    state = warm_state(decoder, latents[:, :context])
-    for i in range(context, latents.shape[1]):
-        yield decoder.step(state, latents[:, i])
+    # Warmed inside the generator, as before: the pipeline times it as the first step's work.
+    yield from steps(decoder, warm_state(decoder, latents[:, :context]), latents, start=context)
 
 
 # ---------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     unpatchify,
 )
 
-from actors.wan import WanDecoder
+from actors.wan import WanDecoder, check_cthw, steps
 
 EPS = 1e-12  # F.normalize's: a zero vector stays zero, as in diffusers
 
@@ -401,14 +401,8 @@ class FastWanDecoder:
 
     def stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """Decode CTHW normalized latents with a fresh cache; yield CFHW chunks, 1 then 4 frames."""
-        if latents.dim() != 4 or latents.shape[0] != self.z_dim:
-            raise ValueError(f"expected CTHW latents with {self.z_dim} channels, got {tuple(latents.shape)}")
-        return self._stream(latents)
-
-    def _stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        state = self.new_state()
-        for i in range(latents.shape[1]):
-            yield self.step(state, latents[:, i])
+        check_cthw(latents, self.z_dim)
+        return steps(self, self.new_state(), latents)
 
     def _graph_step(self, state: FastDecodeState, z: torch.Tensor) -> torch.Tensor:
         if state.graph is None:
