@@ -18,9 +18,11 @@ import torch
 
 from actors.decoders import Decoder, TestPatternDecoder
 from actors.pipeline import run_pipeline
+from actors import wan
 from actors.wan import WanDecoder
 from actors.wan_context import stream_with_context
 from infra.checksum import sha256_file
+from infra.storage import download_prefix, is_s3, open_store
 from actors.sinks import nvenc_available, open_sink, segment_suffix
 from cluster.latents import check_fits
 from cluster.plan import Shard
@@ -74,17 +76,14 @@ def build_decoder(spec: DecoderSpec, device: torch.device) -> Decoder:
     dtype = _DTYPES[spec.dtype]
     if spec.name == "test-pattern":
         return TestPatternDecoder(device=device, dtype=dtype)
-    from actors import wan
-
     if spec.random_weights:
         config = wan.ti2v_config() if spec.name == "wan2.2-ti2v" else None
         return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed)
-    from infra.storage import download_prefix, is_s3
-
     if is_s3(spec.weights):
-        local = tempfile.mkdtemp(prefix="framefarm-weights-")
-        download_prefix(spec.weights, local)
-        return wan.load_wan_decoder(local, device=device, dtype=dtype)
+        # The weights are read into memory; the downloaded copy need not outlive the load.
+        with tempfile.TemporaryDirectory(prefix="framefarm-weights-") as local:
+            download_prefix(spec.weights, local)
+            return wan.load_wan_decoder(local, device=device, dtype=dtype)
     return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype)
 
 
@@ -139,8 +138,6 @@ class ShardWorker:
 
         Returns metadata only; the frames go to object storage.
         """
-        from infra.storage import open_store
-
         started = time.time()
         shard = task.shard
         if latents.shape[1] != shard.decoded_latent_frames:
