@@ -16,6 +16,7 @@ import time
 from infra.checksum import sha256_file
 from actors.sinks import count_frames, video_name
 from actors.stitch import StreamingConcat
+from infra.storage import open_store
 
 
 class SegmentError(RuntimeError):
@@ -24,8 +25,6 @@ class SegmentError(RuntimeError):
 
 class SegmentAssembler:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, scratch_dir: str | None = None):
-        from infra.storage import open_store
-
         self.store = open_store(output_uri)
         self.fmt, self.fps, self.shard_count = fmt, fps, shard_count
         self.scratch = tempfile.mkdtemp(prefix="framefarm-stitch-", dir=scratch_dir)

@@ -64,9 +64,7 @@ class _Stitcher:
 
 def decode_worker_class(use_gpu: bool, cpus: int = 1):
     """The DecodeWorker actor class: one GPU each, or CPUs where the cluster has no GPUs."""
-    if use_gpu:
-        return ray.remote(num_gpus=1, num_cpus=cpus)(_DecodeWorker)
-    return ray.remote(num_gpus=0, num_cpus=cpus)(_DecodeWorker)
+    return ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus)(_DecodeWorker)
 
 
 # The stitcher only remuxes and moves bytes: it takes no CPU slot a decoder could use.

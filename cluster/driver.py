@@ -33,6 +33,7 @@ from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
+from infra.storage import open_store
 from jobs.spec import RenderSpec
 
 log = logging.getLogger("framefarm")
@@ -60,8 +61,6 @@ def latents_digest(latents: torch.Tensor) -> str:
 def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float | None, str]:
     """Step 1, no Ray: validated CTHW latents, the left context shards need, what that context
     costs to decode (latent frames' worth; None when decoded in full), the job fingerprint."""
-    from infra.storage import open_store
-
     open_store(spec.output)  # a bad output URI fails here, not after the decode
     geometry = decoder_geometry(spec.decoder)
     if latents is None:
@@ -117,8 +116,6 @@ class RenderJob:
 
     def _run(self, plan: ShardPlan, latents: torch.Tensor, job_id: str, t_job: float) -> JobResult:
         """Steps 3-5 of the module's list, on a started pool."""
-        from infra.storage import open_store
-
         spec, pool = self.spec, self.pool
         store = open_store(spec.output)
         self.frames_total = plan.frame_count

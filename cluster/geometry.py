@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.decoders import TestPatternDecoder
+from infra.storage import open_store
 from jobs.spec import DecoderSpec
 
 
@@ -39,8 +40,6 @@ def wan_config(spec: DecoderSpec) -> dict:
 
     if spec.random_weights:
         return wan.ti2v_config() if spec.name == "wan2.2-ti2v" else {}
-    from infra.storage import open_store
-
     store = open_store(spec.weights)
     try:
         config = json.loads(store.get_bytes("config.json"))

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from infra.storage import read_uri_bytes
 SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
 
 
@@ -63,8 +64,6 @@ def read_latents_bytes(data: bytes, name: str) -> torch.Tensor:
 
 def read_latents(path: str) -> torch.Tensor:
     """Read a latents file from a local path or an object-store URI."""
-    from infra.storage import read_uri_bytes
-
     _suffix(path)
     try:
         data = read_uri_bytes(path)
