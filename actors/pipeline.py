@@ -297,38 +297,24 @@ class _HostWorker:
 
 
 def _run_async_cpu(chunks, sink, convert, drop, depth, report):
-    free = threading.Semaphore(depth)  # the ring: at most `depth` chunks wait for the host
-    host = _HostWorker(sink, report, on_done=lambda _slot: free.release())
+    free = _FreeSlots(depth)  # at most `depth` chunks wait for the host
+    host = _HostWorker(sink, report, on_done=free.release)
     ok = False
     try:
         for frames in _cpu_steps(chunks, convert, drop, report):
-            _acquire(free, host, report)
-            host.ready.put((frames.numpy(), None, None))
+            slot = free.acquire(host, report)
+            host.ready.put((frames.numpy(), slot, None))
             report.frames += frames.shape[0]
         ok = True
     finally:
         host.finish(ok)
 
 
-def _acquire(free: threading.Semaphore, host: _HostWorker, report: PipelineReport):
-    """Wait for a free host buffer, rechecking the host thread's health (backpressure)."""
-    t = time.perf_counter()
-    while not free.acquire(timeout=_POLL_S):
-        host.check()
-        if host.stop.is_set():
-            raise RuntimeError("frame pipeline: host worker stopped")
-    host.check()
-    report.wait_for_buffer_s += time.perf_counter() - t
-
-
 def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring):
     compute = torch.cuda.Stream(device)
     copy = torch.cuda.Stream(device)
     ring.extend([None] * (depth - len(ring)))  # pinned buffers, sized by the first chunk
-    free_slots: queue.Queue[int] = queue.Queue()
-    for slot in range(depth):
-        free_slots.put(slot)
-    free = _SlotSemaphore(free_slots)
+    free = _FreeSlots(depth)
     host = _HostWorker(sink, report, on_done=free.release)
     spans, copies = [], []
     ok = False
@@ -374,11 +360,13 @@ def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring):
     report.copy_s = sum(b.elapsed_time(e) for b, e in copies) / 1e3
 
 
-class _SlotSemaphore:
-    """The ring's free list: which pinned buffer the next copy may write into."""
+class _FreeSlots:
+    """The ring's free list: which host buffer the next chunk may use (backpressure)."""
 
-    def __init__(self, slots: queue.Queue):
-        self.slots = slots
+    def __init__(self, depth: int):
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(depth):
+            self.slots.put(slot)
 
     def acquire(self, host: _HostWorker, report: PipelineReport) -> int:
         t = time.perf_counter()
