@@ -1,9 +1,15 @@
 """Reassembling a job's segments into its final video, in shard order, as they land.
 
 `SegmentAssembler` runs without Ray; `actors.ray_actors.Stitcher` wraps it. Segments can
-arrive in any order; each is fetched, verified (size, sha256, frame count) and appended
-as soon as every earlier shard has been appended, so stitching streams alongside decoding
-instead of starting after the last shard.
+arrive in any order. Each is verified the moment it arrives, in a pool of threads: fetched
+if remote, then its size, sha256 and frame count and timestamps checked (hash and
+inspection side by side, each reading the file once). One appender thread joins verified
+segments to the output in shard order. So stitching streams alongside decoding, and when
+several shards finish at once (a balanced plan makes them) their verification runs in
+parallel instead of one after another, leaving only the remux itself after the last shard.
+
+Errors travel as values: a failed segment's exception is kept and raised by the next
+`add`, by `finish`, or by `wait_appended`.
 """
 
 from __future__ import annotations
@@ -11,20 +17,40 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
+from actors.sinks import video_name
+from actors.stitch import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
-from actors.sinks import count_frames, video_name
-from actors.stitch import StreamingConcat
 from infra.storage import open_store
+
+_POLL_S = 1.0  # how often a waiting thread looks at the stop flag
 
 
 class SegmentError(RuntimeError):
     """A segment failed verification: it is not what its worker reported."""
 
 
+@dataclass
+class _Verified:
+    meta: dict
+    path: str
+    fetched: bool  # a scratch copy to remove once appended
+    layout: SegmentLayout
+    verify_s: float
+
+
 class SegmentAssembler:
-    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, scratch_dir: str | None = None):
+    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, scratch_dir: str | None = None,
+                 verify_threads: int = 4):
+        if shard_count < 1:
+            raise ValueError(f"shard_count must be >= 1, got {shard_count}")
+        if verify_threads < 1:
+            raise ValueError(f"verify_threads must be >= 1, got {verify_threads}")
         self.store = open_store(output_uri)
         self.fmt, self.fps, self.shard_count = fmt, fps, shard_count
         self.scratch = tempfile.mkdtemp(prefix="framefarm-stitch-", dir=scratch_dir)
@@ -37,52 +63,63 @@ class SegmentAssembler:
         if self.local_output:
             os.makedirs(os.path.dirname(target), exist_ok=True)
         self.concat = StreamingConcat(fmt, target, fps)
-        self.pending: dict[int, dict] = {}
-        self.next_index = 0
         self.frames = 0
         self.appended_at: list[float] = []
-        self.verify_s = 0.0
+        self.verify_s = 0.0  # summed over segments, though they overlap in time
+        # Two pools: a segment's verification waits for its hash, and a hash never waits,
+        # so a full verification pool cannot starve the hashes it waits for.
+        self._verify_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="framefarm-verify")
+        self._hash_pool = ThreadPoolExecutor(verify_threads, thread_name_prefix="framefarm-hash")
+        self._cond = threading.Condition()
+        self._arrived: dict[int, Future] = {}  # shard index -> future of _Verified
+        self._next = 0  # shards appended so far, in order
+        self._error: BaseException | None = None
+        self._stop = False
+        self._appender = threading.Thread(target=self._append_loop, name="framefarm-append", daemon=True)
+        self._appender.start()
+
+    @property
+    def next_index(self) -> int:
+        with self._cond:
+            return self._next
 
     def add(self, meta: dict) -> int:
-        """Accept a committed segment's metadata; append whatever is now in order. Returns appended count."""
-        self.pending[meta["shard"]] = meta
-        while self.next_index in self.pending:
-            self._append(self.pending.pop(self.next_index))
-            self.next_index += 1
-        return self.next_index
+        """Accept a committed segment's metadata and start verifying it; returns how many
+        shards are appended so far. Raises the error of any segment that already failed."""
+        index = meta["shard"]
+        with self._cond:
+            self._raise_failure()
+            if self._stop:
+                raise RuntimeError("the assembler is closed")
+            if not 0 <= index < self.shard_count:
+                raise ValueError(f"shard {index} is outside this job's {self.shard_count} shards")
+            if index in self._arrived:
+                raise ValueError(f"shard {index} was added twice")
+            self._arrived[index] = self._verify_pool.submit(self._verify, meta)
+            self._cond.notify_all()
+            return self._next
 
-    def _append(self, meta: dict):
-        t = time.perf_counter()
-        key = meta["key"]
-        path = self.store.local_path(key)
-        fetched = path is None
-        if fetched:
-            path = os.path.join(self.scratch, os.path.basename(key))
-            self.store.get_file(key, path)
-        try:
-            size = os.path.getsize(path)
-            if size != meta["bytes"]:
-                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {meta['bytes']}")
-            digest = sha256_file(path)
-            if digest != meta["sha256"]:
-                raise SegmentError(f"segment {key}: sha256 {digest[:12]}..., its worker reported "
-                                   f"{meta['sha256'][:12]}...; delete it and run the job again")
-            frames = count_frames(path, self.fmt)
-            if frames != meta["frames"]:
-                raise SegmentError(f"segment {key}: {frames} frames, expected {meta['frames']}")
-            self.verify_s += time.perf_counter() - t
-            self.concat.append(path, meta["frames"])
-            self.frames += meta["frames"]
-            self.appended_at.append(time.time())
-        finally:
-            if fetched and os.path.exists(path):
-                os.remove(path)
+    def wait_appended(self, count: int, timeout: float | None = None) -> int:
+        """Block until `count` shards are appended (or `timeout` passes); returns how many are."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._next < count and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(_POLL_S if left is None else min(_POLL_S, left))
+            self._raise_failure()
+            return self._next
 
     def finish(self) -> dict:
         """Commit the final video once every shard is in; returns what was written."""
-        if self.next_index != self.shard_count:
-            missing = sorted(set(range(self.shard_count)) - set(range(self.next_index)))
+        with self._cond:
+            missing = sorted(set(range(self.shard_count)) - set(self._arrived))
+        if missing:
             raise SegmentError(f"cannot finish: shards {missing[:10]} not appended")
+        self.wait_appended(self.shard_count)
+        self._appender.join()
+        self._shutdown_pools()
         t = time.perf_counter()
         result = self.concat.close()
         if not self.local_output:
@@ -96,5 +133,98 @@ class SegmentAssembler:
                 "commit_s": time.perf_counter() - t, "verify_s": self.verify_s, "committed_at": time.time()}
 
     def abort(self):
+        """Stop, drop the partial output and any scratch copies. Safe to call more than once."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        # Wake, then join: the appender notices the flag within _POLL_S, or when its
+        # current segment is done.
+        self._appender.join()
+        self._shutdown_pools()
         self.concat.abort()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- threads -------------------------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _shutdown_pools(self) -> None:
+        self._verify_pool.shutdown(wait=True, cancel_futures=True)
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _verify(self, meta: dict) -> _Verified:
+        """Runs in the verification pool: everything about a segment short of appending it."""
+        t = time.perf_counter()
+        key = meta["key"]
+        path = self.store.local_path(key)
+        fetched = path is None
+        if fetched:
+            # The shard index keeps two segments of one name (other jobs' prefixes) apart.
+            path = os.path.join(self.scratch, f"{meta['shard']:06d}-{os.path.basename(key)}")
+            self.store.get_file(key, path)
+        try:
+            size = os.path.getsize(path)
+            if size != meta["bytes"]:
+                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {meta['bytes']}")
+            digest = self._hash_pool.submit(sha256_file, path)
+            try:
+                layout = inspect_segment(path, self.fmt, self.fps)
+            finally:
+                sha256 = digest.result()  # also when inspection failed: no hash left running
+            if sha256 != meta["sha256"]:
+                raise SegmentError(f"segment {key}: sha256 {sha256[:12]}..., its worker reported "
+                                   f"{meta['sha256'][:12]}...; delete it and run the job again")
+            if layout.frames != meta["frames"]:
+                raise SegmentError(f"segment {key}: {layout.frames} frames, expected {meta['frames']}")
+        except ValueError as exc:  # inspect_segment's refusal of a malformed segment
+            self._discard(path, fetched)
+            raise SegmentError(str(exc)) from exc
+        except BaseException:
+            self._discard(path, fetched)
+            raise
+        return _Verified(meta, path, fetched, layout, time.perf_counter() - t)
+
+    @staticmethod
+    def _discard(path: str, fetched: bool) -> None:
+        if fetched and os.path.exists(path):
+            os.remove(path)
+
+    def _next_arrival(self) -> Future | None:
+        """The future of the next shard in order, once it has arrived; None when stopping."""
+        with self._cond:
+            while self._next not in self._arrived:
+                if self._stop:
+                    return None
+                self._cond.wait(_POLL_S)
+            return None if self._stop else self._arrived[self._next]
+
+    def _append_loop(self) -> None:
+        try:
+            while self.next_index < self.shard_count:
+                future = self._next_arrival()
+                if future is None:
+                    return
+                while True:  # wait for its verification, but stay stoppable
+                    try:
+                        seg = future.result(timeout=_POLL_S)
+                        break
+                    except futures.TimeoutError:
+                        with self._cond:
+                            if self._stop:
+                                return
+                try:
+                    self.concat.append(seg.path, seg.meta["frames"], seg.layout)
+                finally:
+                    self._discard(seg.path, seg.fetched)
+                with self._cond:
+                    self.frames += seg.layout.frames
+                    self.verify_s += seg.verify_s
+                    self.appended_at.append(time.time())
+                    self._next += 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - kept and raised in the caller's thread
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()

@@ -3,7 +3,8 @@
 Frames arrive as numpy uint8 arrays [F, H, W, 3] RGB, in order, from one host thread.
 A sink writes them to a temporary name beside its final path and renames it into place on
 close, so a file at a final path is always complete: an upload or a stitcher that sees it
-never reads half a segment, and a crashed worker leaves only a hidden `.part` file.
+never reads half a segment, and a crashed worker leaves only a hidden temporary file, which
+store listings skip.
 
 Formats:
   mp4   H.264 (NVENC where it works, else libx264), yuv420p, BT.709 limited range, lossy.
@@ -26,6 +27,8 @@ from typing import Protocol
 import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
+
+from infra.storage import TMP_SUFFIX
 
 FORMATS = ("mp4", "ffv1", "png")
 _MKV_ALIASES = ("ffv1", "mkv")
@@ -128,7 +131,7 @@ class _Staged:
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
         os.makedirs(directory, exist_ok=True)
-        self.tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.part")
+        self.tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
     def commit(self) -> int:
         os.replace(self.tmp, self.path)

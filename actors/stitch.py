@@ -6,7 +6,9 @@ decode to. png segments (tars) are unpacked into one directory, renumbered globa
 
 Every segment is checked before any of it reaches the output: its frame count against what
 the caller expects, and (mp4/mkv) that its timestamps are one frame apart on the 1/fps grid
-with no gaps or duplicates. The output lives under a hidden temporary name beside out_path
+with no gaps or duplicates. That check (`inspect_segment`) only reads the segment, so a
+caller may run it in another thread, for several segments at once, and hand its result to
+`StreamingConcat.append`. The output lives under a hidden temporary name beside out_path
 until close() renames it into place, so out_path only ever holds a complete video.
 """
 
@@ -24,8 +26,60 @@ from fractions import Fraction
 import av
 
 from actors.sinks import _check_fmt
+from infra.storage import TMP_SUFFIX
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """What pass 1 read from a segment: enough to append it without reading it twice."""
+
+    path: str
+    frames: int
+    template: tuple | None = None  # mp4/mkv: codec parameters every segment must share
+    stamps: tuple[tuple[int, int], ...] = ()  # mp4/mkv: (pts, dts) frame indices, decode order, pts from 0
+    delay: int = 0  # mp4/mkv: the encoder's decode delay, pts - dts of the first packet
+
+
+def inspect_segment(segment_path: str, fmt: str, fps: int, expected: int | None = None) -> SegmentLayout:
+    """Pass 1: read a segment's frame count and timestamps, and refuse a malformed one.
+
+    Reads only; safe to run in any thread. Raises ValueError naming the segment.
+    """
+    fmt = "mkv" if _check_fmt(fmt) == "ffv1" else fmt
+    if fmt == "png":
+        with tarfile.open(segment_path, "r:") as tar:
+            names = [m.name for m in tar.getmembers() if m.isfile()]
+        count = len(names)
+        _check_count(segment_path, count, expected)
+        if names != [f"{i:06d}.png" for i in range(count)]:
+            raise ValueError(f"segment {segment_path}: members are not 000000.png.. in order")
+        return SegmentLayout(segment_path, count)
+    with av.open(segment_path) as segment:
+        stream = _video_stream(segment, segment_path)
+        template = _template_key(stream)
+        stamps = [(_on_grid(p.pts, p.time_base, fps, segment_path), _on_grid(p.dts, p.time_base, fps, segment_path))
+                  for p in segment.demux(stream) if p.size > 0]
+    count = len(stamps)
+    _check_count(segment_path, count, expected)
+    # Each segment starts at its own zero (an mp4 with an edit list) or at its encoder's
+    # delay (one without): normalize to the first presented frame so that either kind
+    # lands exactly after the previous segment.
+    origin = min(pts for pts, _ in stamps)
+    if sorted(pts - origin for pts, _ in stamps) != list(range(count)):
+        raise ValueError(f"segment {segment_path}: timestamps are not {count} consecutive frames")
+    if any(b[1] <= a[1] for a, b in zip(stamps, stamps[1:])):
+        raise ValueError(f"segment {segment_path}: decode timestamps are not increasing")
+    return SegmentLayout(segment_path, count, template, tuple((p - origin, d - origin) for p, d in stamps),
+                         stamps[0][0] - stamps[0][1])
+
+
+def _check_count(segment_path: str, count: int, expected: int | None) -> None:
+    if expected is not None and count != expected:
+        raise ValueError(f"segment {segment_path}: holds {count} frames, expected {expected}")
+    if count == 0:
+        raise ValueError(f"segment {segment_path}: holds no frames")
 
 
 @dataclass(frozen=True)
@@ -74,7 +128,7 @@ class StreamingConcat:
         self.path = os.path.abspath(out_path)
         directory, name = os.path.split(self.path)
         os.makedirs(directory, exist_ok=True)
-        self._tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.part")
+        self._tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
         self.frames = 0
         self.segments = 0
         self._seconds = 0.0
@@ -85,15 +139,24 @@ class StreamingConcat:
         self._last_dts: int | None = None  # of the last packet, in the output's time base
         self._delay: int | None = None  # the output's decode delay in frames (the first segment's)
 
-    def append(self, segment_path: str, expected_frames: int | None) -> int:
-        """Append one segment's frames; returns how many. expected_frames=None skips that check."""
+    def append(self, segment_path: str, expected_frames: int | None, layout: SegmentLayout | None = None) -> int:
+        """Append one segment's frames; returns how many. expected_frames=None skips that check.
+
+        `layout`, `inspect_segment`'s result for this very file, saves reading it twice.
+        """
         self._check_open()
         start = time.perf_counter()
         try:
-            if self.fmt == "png":
-                count = self._append_png(segment_path, expected_frames)
+            if layout is None:
+                layout = inspect_segment(segment_path, self.fmt, self.fps, expected_frames)
+            elif layout.path != segment_path:
+                raise ValueError(f"layout of {layout.path} given for {segment_path}")
             else:
-                count = self._append_video(segment_path, expected_frames)
+                _check_count(segment_path, layout.frames, expected_frames)
+            if self.fmt == "png":
+                count = self._append_png(segment_path, layout.frames)
+            else:
+                count = self._append_video(segment_path, layout)
         except _OutputTouched as exc:
             # Part of the segment may be in the output: it can no longer be made exact.
             self._state = "failed"
@@ -148,50 +211,14 @@ class StreamingConcat:
 
     # -- mp4 / mkv ---------------------------------------------------------------------
 
-    def _append_video(self, segment_path: str, expected: int | None) -> int:
-        # Pass 1: read timestamps only, and decide before touching the output.
-        with av.open(segment_path) as segment:
-            stream = _video_stream(segment, segment_path)
-            template = _template_key(stream)
-            if self._template is not None and template != self._template:
-                raise ValueError(f"segment {segment_path}: stream {template} does not match the first "
-                                 f"segment's {self._template}; concatenation needs identical encoder settings")
-            stamps = [(_on_grid(p.pts, p.time_base, self.fps, segment_path),
-                       _on_grid(p.dts, p.time_base, self.fps, segment_path))
-                      for p in segment.demux(stream) if p.size > 0]
-        count = len(stamps)
-        if expected is not None and count != expected:
-            raise ValueError(f"segment {segment_path}: holds {count} frames, expected {expected}")
-        if count == 0:
-            raise ValueError(f"segment {segment_path}: holds no frames")
-        # Each segment starts at its own zero (an mp4 with an edit list) or at its encoder's
-        # delay (one without): normalize to the first presented frame so that either kind
-        # lands exactly after the previous segment.
-        origin = min(pts for pts, _ in stamps)
-        if sorted(pts - origin for pts, _ in stamps) != list(range(count)):
-            raise ValueError(f"segment {segment_path}: timestamps are not {count} consecutive frames")
-        if any(b[1] <= a[1] for a, b in zip(stamps, stamps[1:])):
-            raise ValueError(f"segment {segment_path}: decode timestamps are not increasing")
+    def _append_video(self, segment_path: str, layout: SegmentLayout) -> int:
+        if self._template is not None and layout.template != self._template:
+            raise ValueError(f"segment {segment_path}: stream {layout.template} does not match the first "
+                             f"segment's {self._template}; concatenation needs identical encoder settings")
+        self._copy_packets(segment_path, layout)
+        return layout.frames
 
-        if self._out is None:
-            try:
-                self._open_output(segment_path)
-            except Exception as exc:
-                raise _OutputTouched() from exc
-            self._template = template
-        placed, last_duration = self._place(segment_path, [(p - origin, d - origin) for p, d in stamps])
-
-        # Pass 2: copy the packets, bytes untouched, at their new times.
-        try:
-            self._copy_packets(segment_path, placed, last_duration)
-        except Exception as exc:
-            raise _OutputTouched() from exc
-        self._last_dts = placed[-1][1]
-        if self._delay is None:
-            self._delay = stamps[0][0] - stamps[0][1]
-        return count
-
-    def _place(self, segment_path: str, stamps: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    def _place(self, segment_path: str, layout: SegmentLayout) -> tuple[list[tuple[int, int]], int]:
         """Output (pts, dts) in the output stream's time base for a segment's frame indices
         (pts, dts in decode order, pts from 0), and the duration of its last packet.
 
@@ -205,7 +232,7 @@ class StreamingConcat:
         takes the track's length from the last dts plus the last duration.
         """
         tb = self._out_stream.time_base
-        delay = stamps[0][0] - stamps[0][1]  # pts - dts of the first packet: the encoder's delay
+        stamps, delay = layout.stamps, layout.delay  # delay: pts - dts of the first packet
         output_delay = delay if self._delay is None else self._delay
         earlier = max(output_delay - delay, 0)  # frames to move this segment's dts back
         lost = max(delay - output_delay, 0)  # frames of dts that squeezing will lose
@@ -223,32 +250,52 @@ class StreamingConcat:
             last = dts
         return placed, 1 + lost
 
-    def _copy_packets(self, segment_path: str, placed: list[tuple[int, int]], last_duration: int) -> None:
-        tb = self._out_stream.time_base
-        with av.open(segment_path) as segment:
-            stream = segment.streams.video[0]
-            index = 0
-            for packet in segment.demux(stream):
-                if packet.size == 0:
-                    continue
-                if index == len(placed):
-                    raise ValueError(f"segment {segment_path}: changed while it was read")
-                packet.time_base = tb
-                packet.pts, packet.dts = placed[index]
-                frames = 1 if index < len(placed) - 1 else last_duration
-                packet.duration = _round_half_up(Fraction(frames, self.fps) / tb)
-                packet.stream = self._out_stream
-                self._out.mux(packet)
-                index += 1
-            if index != len(placed):
-                raise ValueError(f"segment {segment_path}: changed while it was read")
+    def _copy_packets(self, segment_path: str, layout: SegmentLayout) -> None:
+        """Pass 2: the packets, bytes untouched, at their new times.
 
-    def _open_output(self, segment_path: str) -> None:
+        The output is opened from the first segment's stream, in the same open of it. Errors
+        before the first packet is muxed leave the output as it was.
+        """
+        with av.open(segment_path) as segment:
+            stream = _video_stream(segment, segment_path)
+            if self._out is None:
+                try:
+                    self._open_output(stream)
+                except Exception as exc:
+                    raise _OutputTouched() from exc
+                self._template = layout.template
+            placed, last_duration = self._place(segment_path, layout)
+            try:
+                self._mux(segment, stream, segment_path, placed, last_duration)
+            except Exception as exc:
+                raise _OutputTouched() from exc
+        self._last_dts = placed[-1][1]
+        if self._delay is None:
+            self._delay = layout.delay
+
+    def _mux(self, segment, stream, segment_path: str, placed: list[tuple[int, int]], last_duration: int) -> None:
+        tb = self._out_stream.time_base
+        index = 0
+        for packet in segment.demux(stream):
+            if packet.size == 0:
+                continue
+            if index == len(placed):
+                raise ValueError(f"segment {segment_path}: changed while it was read")
+            packet.time_base = tb
+            packet.pts, packet.dts = placed[index]
+            frames = 1 if index < len(placed) - 1 else last_duration
+            packet.duration = _round_half_up(Fraction(frames, self.fps) / tb)
+            packet.stream = self._out_stream
+            self._out.mux(packet)
+            index += 1
+        if index != len(placed):
+            raise ValueError(f"segment {segment_path}: changed while it was read")
+
+    def _open_output(self, template_stream) -> None:
         container_format = "mp4" if self.fmt == "mp4" else "matroska"
         out = av.open(self._tmp, "w", format=container_format)
         try:
-            with av.open(segment_path) as segment:
-                out_stream = out.add_stream_from_template(segment.streams.video[0])
+            out_stream = out.add_stream_from_template(template_stream)
             # Write the header now: the muxer fixes the stream's time base here, and every
             # timestamp is computed in it (the template's extradata is already known).
             out.start_encoding()
@@ -263,10 +310,7 @@ class StreamingConcat:
         with tarfile.open(segment_path, "r:") as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
             count = len(members)
-            if expected is not None and count != expected:
-                raise ValueError(f"segment {segment_path}: holds {count} frames, expected {expected}")
-            if count == 0:
-                raise ValueError(f"segment {segment_path}: holds no frames")
+            _check_count(segment_path, count, expected)  # again: the tar may have changed since inspection
             names = [m.name for m in members]
             if names != [f"{i:06d}.png" for i in range(count)]:
                 raise ValueError(f"segment {segment_path}: members are not 000000.png.. in order")

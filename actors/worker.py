@@ -147,8 +147,11 @@ class ShardWorker:
         size = self.check_input(task.decoder, latents.shape[2], latents.shape[3])
         height, width = size["height"], size["width"]
         store = open_store(task.output_uri)
-        local = os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
-                             f"{segment_suffix(task.format)}")
+        # A local store gets the segment written in place (the sink renames it in when
+        # complete): copying a few hundred MB after the shard would lengthen every shard.
+        in_store = store.local_path(task.segment_key)
+        local = in_store or os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
+                                         f"{segment_suffix(task.format)}")
         latents = latents.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -168,9 +171,10 @@ class ShardWorker:
                 raise RuntimeError(f"shard {shard.index}: wrote {result.frames} frames, "
                                    f"expected {shard.frame_count}")
             sha256 = sha256_file(result.path)
-            store.put_file(result.path, task.segment_key)
+            if in_store is None:
+                store.put_file(result.path, task.segment_key)
         finally:
-            if os.path.exists(result.path):
+            if in_store is None and os.path.exists(result.path):
                 os.remove(result.path)
         meta = {
             "job_id": task.job_id, "shard": shard.index, "start": shard.start, "stop": shard.stop,

@@ -32,7 +32,9 @@ MiB = 1024 * 1024
 
 # In-progress local writes carry this suffix; `list` hides them so a reader polling a
 # prefix never sees a half-written object.
-_TMP_SUFFIX = ".framefarm-tmp"
+# Every file framefarm writes is written under a hidden name ending in this, then renamed
+# into place; listings skip such names, so a crashed writer's leftover is never a key.
+TMP_SUFFIX = ".framefarm-tmp"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
@@ -133,7 +135,7 @@ def _check_range(start: int, end: int) -> None:
 
 def _tmp_sibling(path: str) -> str:
     head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
+    return os.path.join(head, f".{name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
 
 
 def _open_tmp(path: str) -> tuple[str, int]:
@@ -274,7 +276,7 @@ class LocalStore:
             rel = os.path.relpath(dirpath, self.root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for name in files:
-                if name.endswith(_TMP_SUFFIX):
+                if name.endswith(TMP_SUFFIX):
                     continue
                 key = base + name
                 if key.startswith(prefix):
