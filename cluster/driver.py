@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
@@ -51,10 +53,23 @@ class JobResult:
     plan: ShardPlan = field(repr=False, default=None)
 
 
+_DIGEST_CHUNK = 16 << 20
+
+
 def latents_digest(latents: torch.Tensor) -> str:
+    """sha256 over shape, dtype and the sha256 of each 16 MiB of the data.
+
+    Chunk digests are computed in threads (hashlib releases the GIL) and read the tensor's
+    memory in place: a long video's latents are hundreds of MB, and this runs before any
+    shard starts.
+    """
     t = latents.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy()
     h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    offsets = range(0, data.size, _DIGEST_CHUNK)
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1, len(offsets)))) as pool:
+        for digest in pool.map(lambda o: hashlib.sha256(data[o:o + _DIGEST_CHUNK]).digest(), offsets):
+            h.update(digest)
     return h.hexdigest()
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.latents import InputError, check_fits, read_latents, validate_latents
-from cluster.driver import RenderJob
+from cluster.driver import RenderJob, latents_digest
 from jobs.spec import RenderSpec
 
 Z = 16
@@ -44,6 +44,32 @@ def test_good_shapes_and_formats_read_back(tmp_path, shape):
 def test_each_bad_tensor_has_its_own_error(tensor, message):
     with pytest.raises(InputError, match=message):
         validate_latents(tensor, Z)
+
+
+def test_finite_values_too_large_to_sum_are_accepted_and_one_inf_among_them_is_not():
+    # The check sums the latents first; a sum that overflows must not pass for a NaN.
+    big = torch.full((Z, 3, 4, 6), 3e38)
+    assert validate_latents(big, Z) is big
+    big[5, 1, 2, 3] = float("-inf")
+    with pytest.raises(InputError, match="1 non-finite values"):
+        validate_latents(big, Z)
+    half = torch.full((Z, 3, 4, 6), 60000.0, dtype=torch.float16)  # its sum in fp16 would overflow
+    assert validate_latents(half, Z) is half
+
+
+def test_latents_digest_sees_every_value_shape_and_dtype():
+    x = torch.randn(Z, 3, 64, 64 * 100)  # 75 MiB: several of the digest's chunks
+    d = latents_digest(x)
+    assert latents_digest(x.clone()) == d
+    y = x.clone()
+    y[Z - 1, 2, 63, -1] += 1.0  # the last value, in the last chunk
+    assert latents_digest(y) != d
+    y = x.clone()
+    y[0, 0, 0, 0] = -y[0, 0, 0, 0]
+    assert latents_digest(y) != d
+    assert latents_digest(x.reshape(Z, 3, 128, -1)) != d
+    assert latents_digest(x.view(torch.int32)) != d
+    assert latents_digest(x[:, :, :, ::2]) == latents_digest(x[:, :, :, ::2].contiguous())
 
 
 def test_unreadable_and_truncated_files(tmp_path):
