@@ -13,7 +13,7 @@ import torch
 from ray.util import metrics
 
 from actors.assemble import SegmentAssembler
-from actors.worker import ShardTask, ShardWorker
+from actors.worker import LatentSlice, ShardTask, ShardWorker
 
 
 class _DecodeWorker:
@@ -38,7 +38,7 @@ class _DecodeWorker:
     def check_input(self, spec, latent_height: int, latent_width: int) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width)
 
-    def render_shard(self, task: ShardTask, latents: torch.Tensor) -> dict:
+    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> dict:
         t = time.perf_counter()
         meta = self.worker.render_shard(task, latents)
         self.frames.inc(meta["frames"], tags=self.tags)

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 from tqdm.auto import tqdm
 
-from actors.worker import ShardTask, segment_key, sidecar_key
+from actors.worker import LatentSlice, ShardTask, segment_key, sidecar_key
 from cluster.dispatch import WorkerPool, resolve_workers, start_stitcher
 from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
@@ -196,7 +196,7 @@ class RenderJob:
                         break
                     shard, attempt = todo.popleft()
                     if shard.index not in slices:
-                        slices[shard.index] = ray.put(latents[:, shard.context_start:shard.stop].contiguous())
+                        slices[shard.index] = ray.put(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
                     task = ShardTask(
                         job_id=job_id, shard=shard, output_uri=spec.output,
                         segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,

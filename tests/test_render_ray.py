@@ -152,3 +152,19 @@ def test_wan22_ti2v_vae_renders_exactly_through_the_same_path(ray_cluster, tmp_p
     render(latents, out, decoder={"name": "wan2.2-ti2v", "weights": str(weights)}, format="ffv1", workers=2,
            progress=False)
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_slices_cross_ray_exactly_and_read_only(ray_cluster, dtype):
+    from actors.worker import LatentSlice
+
+    latents = torch.randn(16, 7, 6, 10).to(dtype)[:, 2:6]  # a shard's slice: not contiguous
+
+    @ray.remote(num_cpus=0)
+    def receive(payload: LatentSlice):
+        t = payload.tensor()
+        return t.clone(), payload.data.flags.writeable
+
+    got, writeable = ray.get(receive.remote(ray.put(LatentSlice.of(latents))))
+    assert got.dtype == dtype and torch.equal(got, latents)
+    assert not writeable  # Ray handed over its own memory, not a pickled copy
