@@ -5,7 +5,8 @@
 Each GPU count gets its own `Farm` (one DecodeWorker a GPU), warmed up by a short job so
 model loading and cuDNN's algorithm search stay out of the timings; then the video is
 rendered with exact context. Decode throughput counts context frames (the work the GPUs
-did); the end-to-end speed-up counts the video. Prints a table and writes JSON.
+did); the end-to-end speed-up counts the video. "ctx cost" is what a shard's context cost in
+GPU time, in latent frames' worth (`measured_context_cost`). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def parse_args(argv=None):
     p.add_argument("--encoder-threads", type=int, default=0)
     p.add_argument("--out", default="scaling.json")
     return p.parse_args(argv)
+
+
+def measured_context_cost(shards: list[dict]) -> float | None:
+    """What a shard's left context cost in GPU time, in latent frames' worth: each context
+    shard's GPU-busy seconds less its kept latents at the rate of the shards without
+    context (shard 0), over that rate. The mean over context shards; None without both kinds.
+    """
+    plain = [s for s in shards if s["context"] == 0]
+    ctx = [s for s in shards if s["context"] > 0]
+    if not plain or not ctx:
+        return None
+    rate = sum(s["gpu_busy_s"] for s in plain) / sum(s["stop"] - s["start"] for s in plain)
+    return sum((s["gpu_busy_s"] - (s["stop"] - s["start"]) * rate) / rate for s in ctx) / len(ctx)
 
 
 def main(argv=None) -> int:
@@ -69,6 +83,8 @@ def main(argv=None) -> int:
         print(f"{n} GPU: {wall:.1f} s, {decoded} latent frames decoded ({100 * s['context_overhead']:.1f}% context, "
               f"{100 * s['context_compute_overhead']:.1f}% of the work), "
               f"last shard -> video {s['last_shard_to_video_s']:.2f} s", flush=True)
+    for r in rows:
+        r["context_cost_measured"] = measured_context_cost(r["shards"])
     base = rows[0]
     for r in rows:
         r["throughput_vs_linear"] = r["decode_throughput"] / (base["decode_throughput"] * r["gpus"] / base["gpus"])
@@ -77,13 +93,14 @@ def main(argv=None) -> int:
     print(f"\n{card}, {args.size}, {args.latent_frames} latent frames ({rows[0]['frames']} frames), {args.dtype}, "
           f"{args.format}, overlap {args.overlap}, context {args.context_mode}")
     print(f"{'GPUs':>5}{'wall s':>9}{'decoded':>9}{'context':>9}{'ctx work':>9}{'lat/s':>8}{'vs linear':>11}"
-          f"{'speed-up':>10}{'tail s':>8}{'GPU util':>10}")
+          f"{'speed-up':>10}{'tail s':>8}{'GPU util':>10}{'ctx cost':>10}")
     for r in rows:
         util = r["gpu_utilization"]
         print(f"{r['gpus']:>5}{r['wall_s']:>9.1f}{r['decoded_latent_frames']:>9}{100 * r['context_overhead']:>8.1f}%"
               f"{100 * r['context_compute_overhead']:>8.1f}%"
               f"{r['decode_throughput']:>8.2f}{100 * r['throughput_vs_linear']:>10.1f}%{r['speedup']:>10.2f}"
-              f"{r['last_shard_to_video_s']:>8.2f}{(100 * util if util else 0):>9.1f}%")
+              f"{r['last_shard_to_video_s']:>8.2f}{(100 * util if util else 0):>9.1f}%"
+              + (f"{r['context_cost_measured']:>10.2f}" if r["context_cost_measured"] is not None else f"{'-':>10}"))
     with open(args.out, "w") as f:
         json.dump({"card": card, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "cpu_count": os.cpu_count(),
                    "runs": rows}, f, indent=2)

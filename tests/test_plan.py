@@ -78,3 +78,16 @@ def test_pruned_context_cost_rebalances_shards_and_reports_compute_overhead():
     assert max(kept) - min(kept) <= 7  # vs 38 when context is paid in full
     work = [s.latent_frames + (6.5 if s.context else 0) for s in pruned.shards]
     assert max(work) - min(work) <= 1
+
+
+def test_measured_context_cost_reads_context_time_off_the_shards():
+    from jobs.bench_scaling import measured_context_cost
+
+    # Shard 0 decodes 100 latents in 20 s (0.2 s each); the others pay 0.3 and 0.5 s of
+    # context beside their kept latents: 1.5 and 2.5 latent frames' worth, 2.0 on average.
+    shards = [{"start": 0, "stop": 100, "context": 0, "gpu_busy_s": 20.0},
+              {"start": 100, "stop": 190, "context": 38, "gpu_busy_s": 18.3},
+              {"start": 190, "stop": 280, "context": 38, "gpu_busy_s": 18.5}]
+    assert abs(measured_context_cost(shards) - 2.0) < 1e-9
+    assert measured_context_cost(shards[:1]) is None
+    assert measured_context_cost(shards[1:]) is None
