@@ -103,17 +103,22 @@ class SegmentAssembler:
         """Block until `count` shards are appended (or `timeout` passes); returns how many are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._next < count and self._error is None:
+            while self._next < count and self._error is None and not self._stop:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(_POLL_S if left is None else min(_POLL_S, left))
             self._raise_failure()
+            if self._stop and self._next < count:
+                raise RuntimeError("the assembler was aborted")
             return self._next
 
     def finish(self) -> dict:
         """Commit the final video once every shard is in; returns what was written."""
         with self._cond:
+            self._raise_failure()  # a segment that failed says more than one that never came
+            if self._stop:
+                raise RuntimeError("the assembler was aborted")
             missing = sorted(set(range(self.shard_count)) - set(self._arrived))
         if missing:
             raise SegmentError(f"cannot finish: shards {missing[:10]} not appended")
@@ -124,8 +129,14 @@ class SegmentAssembler:
         result = self.concat.close()
         if not self.local_output:
             if self.fmt == "png":
-                for name in sorted(os.listdir(result.path)):
+                # Object stores have no folder rename: frames are replaced one by one, then
+                # those of an earlier, longer render under the same name are deleted.
+                names = sorted(os.listdir(result.path))
+                old = set(self.store.list(f"{self.final_name}/"))
+                for name in names:
                     self.store.put_file(os.path.join(result.path, name), f"{self.final_name}/{name}")
+                for key in sorted(old - {f"{self.final_name}/{n}" for n in names}):
+                    self.store.delete(key)
             else:
                 self.store.put_file(result.path, self.final_name)
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -21,6 +21,10 @@ Note [pipeline shutdown]
   3. The owner joins the thread (it is woken by step 1), then closes the sink on success or
      aborts it on failure. An error in the host thread travels to the owner as a value
      (`_StageError`) and is re-raised there, naming the stage.
+  4. If the join times out (a sink stuck in I/O), the owner sets `stop` and hands the abort
+     to the host thread, which runs it when its write returns: two threads never touch the
+     sink at once. On the CUDA path the owner also waits for the copy stream on failure, so
+     that no copy into the pinned ring is still in flight when the next shard reuses it.
 """
 
 from __future__ import annotations
@@ -105,15 +109,19 @@ _BT709_YUV = torch.tensor([
 ])
 
 
-def to_yuv420_frames(chunk: torch.Tensor) -> torch.Tensor:
+def to_yuv420_frames(chunk: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """CFHW in [-1, 1] -> [F, H*3/2, W] uint8 I420 (BT.709, limited range), on the chunk's device.
 
     Starts from the same rounded 8-bit RGB as `to_uint8_frames`; chroma is the mean of each
     2x2 block. Half the bytes of RGB to copy, and no colour conversion left for the host.
+    `matrix`: the RGB -> YCbCr matrix already on the chunk's device. Pass it in a loop: moving
+    it there from pageable memory waits for the stream, which would stall a pipelined decode.
     """
-    c, f, h, w = chunk.shape
+    _, f, h, w = chunk.shape
     rgb = to_uint8_frames(chunk).float().div_(255.0)  # FHWC in [0, 1]
-    yuv = rgb @ _BT709_YUV.to(rgb.device).T  # FHW3: Y in [0, 1], Cb/Cr in [-0.5, 0.5]
+    if matrix is None:
+        matrix = _BT709_YUV.to(rgb.device)
+    yuv = rgb @ matrix.T  # FHW3: Y in [0, 1], Cb/Cr in [-0.5, 0.5]
     y = yuv[..., 0].mul(219.0).add_(16.0)
     chroma = torch.nn.functional.avg_pool2d(yuv[..., 1:].permute(0, 3, 1, 2), 2)  # F,2,H/2,W/2
     chroma = chroma.mul_(224.0).add_(128.0)
@@ -124,10 +132,11 @@ def to_yuv420_frames(chunk: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def frame_converter(layout: str):
+def frame_converter(layout: str, device: torch.device):
     """The GPU-side conversion that hands a sink frames in the layout it takes."""
     if layout == "yuv420p":
-        return to_yuv420_frames
+        matrix = _BT709_YUV.to(device)  # once per run, before the first step is queued
+        return lambda chunk: to_yuv420_frames(chunk, matrix)
     if layout == "rgb24":
         return to_uint8_frames
     raise ValueError(f"unknown frame layout {layout!r}")
@@ -135,38 +144,45 @@ def frame_converter(layout: str):
 
 def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, mode: Mode = "async",
                  depth: int = 2, device: torch.device | str = "cpu",
-                 ring: list | None = None) -> tuple[PipelineReport, SinkResult]:
+                 ring: list | None = None, join_timeout_s: float = _JOIN_TIMEOUT_S,
+                 ) -> tuple[PipelineReport, SinkResult]:
     """Drive `chunks` (a decoder's stream) into `sink`, dropping the first `drop` frames.
 
     The sink is closed (committed) on success and aborted on any failure. `ring`, a list the
     caller keeps (a worker, across shards), holds the pinned host buffers, so they are
     allocated once rather than per run (page-locking costs milliseconds per buffer).
+    `join_timeout_s`: how long the end of a run waits for the host thread's last write.
     """
-    device = torch.device(device)
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
     report = PipelineReport(mode=mode)
     start = time.perf_counter()
+    cuda = False
     try:
-        convert = frame_converter(getattr(sink, "layout", "rgb24"))
-        if device.type == "cuda":
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        convert = frame_converter(getattr(sink, "layout", "rgb24"), device)
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-            run = _run_sync_cuda if mode == "sync" else _run_async_cuda
             if mode == "sync":
-                run(chunks, sink, convert, drop, depth, device, report)
+                _run_sync_cuda(chunks, sink, convert, drop, depth, device, report)
             else:
-                run(chunks, sink, convert, drop, depth, device, report, [] if ring is None else ring)
+                _run_async_cuda(chunks, sink, convert, drop, depth, device, report, [] if ring is None else ring,
+                                join_timeout_s)
+        elif mode == "sync":
+            _run_sync_cpu(chunks, sink, convert, drop, depth, report)
         else:
-            run = _run_sync_cpu if mode == "sync" else _run_async_cpu
-            run(chunks, sink, convert, drop, depth, report)
+            _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s)
         t = time.perf_counter()
         result = sink.close()
         report.flush_s = time.perf_counter() - t
+    except HostStuck:
+        raise
     except BaseException:
         sink.abort()
         raise
     finally:
-        if device.type == "cuda":
+        if cuda:
             report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     report.wall_s = time.perf_counter() - start
     report.sink = asdict(result)
@@ -245,18 +261,46 @@ def _account_gpu(spans, report):
 # --- asynchronous --------------------------------------------------------------------------
 
 
+class HostStuck(RuntimeError):
+    """The host thread outlived its join timeout; it, not the owner, aborts the sink."""
+
+
 class _HostWorker:
     """Feeds the sink from a queue in its own thread; see Note [pipeline shutdown]."""
 
-    def __init__(self, sink: Sink, report: PipelineReport, on_done=None):
+    def __init__(self, sink: Sink, report: PipelineReport, on_done=None, join_timeout_s: float = _JOIN_TIMEOUT_S):
         self.sink, self.report, self.on_done = sink, report, on_done
+        self.join_timeout_s = join_timeout_s
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.error: _StageError | None = None
+        self._exit_lock = threading.Lock()
+        self._exited = False
+        self._abort_on_exit = False
         self.thread = threading.Thread(target=self._loop, name="framefarm-host", daemon=True)
         self.thread.start()
 
     def _loop(self):
+        try:
+            self._feed()
+        finally:
+            with self._exit_lock:
+                self._exited = True
+                if self._abort_on_exit:
+                    try:
+                        self.sink.abort()
+                    except Exception:  # noqa: BLE001 - nobody is left to tell; the owner already raised
+                        pass
+
+    def _hand_over_abort(self) -> bool:
+        """Step 4: True if the thread is still running and will abort the sink itself."""
+        with self._exit_lock:
+            if self._exited:
+                return False
+            self._abort_on_exit = True
+            return True
+
+    def _feed(self):
         try:
             while not self.stop.is_set():
                 t = time.perf_counter()
@@ -289,16 +333,20 @@ class _HostWorker:
         if not ok:
             self.stop.set()
         self.ready.put(_END)
-        self.thread.join(timeout=_JOIN_TIMEOUT_S)
+        if self._abort_on_exit:
+            return  # already given up on (a stalled acquire): the HostStuck in flight says why
+        self.thread.join(timeout=self.join_timeout_s)
         if self.thread.is_alive():
-            raise RuntimeError("frame pipeline: host worker did not stop within "
-                               f"{_JOIN_TIMEOUT_S:.0f} s (is the sink blocked on I/O?)")
+            self.stop.set()
+            if self._hand_over_abort():
+                raise HostStuck(f"frame pipeline: host worker did not stop within {self.join_timeout_s:g} s "
+                                "(is the sink blocked on I/O?); it aborts the sink when it returns")
         self.check()
 
 
-def _run_async_cpu(chunks, sink, convert, drop, depth, report):
+def _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s):
     free = _FreeSlots(depth)  # at most `depth` chunks wait for the host
-    host = _HostWorker(sink, report, on_done=free.release)
+    host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
     ok = False
     try:
         for frames in _cpu_steps(chunks, convert, drop, report):
@@ -310,12 +358,12 @@ def _run_async_cpu(chunks, sink, convert, drop, depth, report):
         host.finish(ok)
 
 
-def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring):
+def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring, join_timeout_s):
     compute = torch.cuda.Stream(device)
     copy = torch.cuda.Stream(device)
     ring.extend([None] * (depth - len(ring)))  # pinned buffers, sized by the first chunk
     free = _FreeSlots(depth)
-    host = _HostWorker(sink, report, on_done=free.release)
+    host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
     spans, copies = [], []
     ok = False
     try:
@@ -354,10 +402,22 @@ def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring):
             report.frames += n
         ok = True
     finally:
-        host.finish(ok)
+        try:
+            host.finish(ok)
+        finally:
+            if not ok:
+                _quiet_sync(copy)
     torch.cuda.synchronize(device)
     _account_gpu(spans, report)
     report.copy_s = sum(b.elapsed_time(e) for b, e in copies) / 1e3
+
+
+def _quiet_sync(stream) -> None:
+    """Wait for `stream` on a failure path, where the original error matters more than this."""
+    try:
+        stream.synchronize()
+    except Exception:  # noqa: BLE001 - a broken CUDA context: the caller is already raising
+        pass
 
 
 class _FreeSlots:
@@ -378,7 +438,13 @@ class _FreeSlots:
                 slot = self.slots.get(timeout=_POLL_S)
                 break
             except queue.Empty:
-                continue
+                pass
+            if time.perf_counter() - t > host.join_timeout_s:
+                # Every buffer is held by a write that does not return: a sink stuck in I/O.
+                host.stop.set()
+                if host._hand_over_abort():
+                    raise HostStuck(f"frame pipeline: the sink took no frames for {host.join_timeout_s:g} s "
+                                    "(is it blocked on I/O?); the host thread aborts it when it returns")
         report.wait_for_buffer_s += time.perf_counter() - t
         return slot
 

@@ -35,8 +35,8 @@ class _DecodeWorker:
         return {**self.worker.info, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda": torch.cuda.is_available()}
 
-    def check_input(self, spec, latent_height: int, latent_width: int) -> dict:
-        return self.worker.check_input(spec, latent_height, latent_width)
+    def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None) -> dict:
+        return self.worker.check_input(spec, latent_height, latent_width, encoder)
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> dict:
         t = time.perf_counter()

@@ -91,15 +91,21 @@ def nvenc_available(width: int = 256, height: int = 256) -> bool:
     honest test is to open one. Nothing is cached: a caller that asks often should keep the
     answer itself.
     """
+    return encoder_opens("h264_nvenc", width, height)
+
+
+def encoder_opens(codec: str, width: int = 256, height: int = 256) -> bool:
+    """Whether an encoder context for `codec` opens here now (and is released again)."""
     try:
-        ctx = av.CodecContext.create("h264_nvenc", "w")
+        ctx = av.CodecContext.create(codec, "w")
         ctx.width, ctx.height = width, height
         ctx.pix_fmt = "yuv420p"
         ctx.time_base = Fraction(1, 16)
         ctx.open()
     except Exception:  # missing libcuda, no encoder engine, session limit: all mean "no"
         return False
-    ctx.close()
+    # PyAV codec contexts have no close(): the session ends when the context is freed.
+    del ctx
     return True
 
 

@@ -369,7 +369,8 @@ def _replace_dir(src: str, dst: str) -> None:
         return
     # A non-empty directory can't be renamed over, so swap: old aside, new in, old away.
     # Between the two renames dst is missing, never partial.
-    aside = f"{dst}.{uuid.uuid4().hex[:12]}.old"
+    head, name = os.path.split(dst)
+    aside = os.path.join(head, f".{name}.{uuid.uuid4().hex[:12]}.old{TMP_SUFFIX}")
     os.rename(dst, aside)
     os.rename(src, dst)
     if os.path.isdir(aside) and not os.path.islink(aside):

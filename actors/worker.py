@@ -154,13 +154,22 @@ class ShardWorker:
             self._auto_encoder = "h264_nvenc" if nvenc_available() else "libx264"
         return self._auto_encoder
 
-    def check_input(self, spec: DecoderSpec, latent_height: int, latent_width: int) -> dict:
-        """Refuse a frame size this device cannot decode, before any decode work or output."""
+    def check_input(self, spec: DecoderSpec, latent_height: int, latent_width: int,
+                    encoder: str | None = None) -> dict:
+        """Refuse a frame size this device cannot decode, before any decode work or output.
+
+        With `encoder` (an mp4 job's request), also says which encoder "auto" is here, so that
+        the driver can hand every shard of the job that one encoder: workers on other kinds of
+        GPU would otherwise choose differently, and the stitcher joins only identical streams.
+        """
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
         check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"])
-        return {"peak_memory_bytes": peak, "height": height, "width": width}
+        info = {"peak_memory_bytes": peak, "height": height, "width": width}
+        if encoder is not None:
+            info["encoder"] = self._encoder(encoder)
+        return info
 
     def render_shard(self, task: ShardTask, latents: torch.Tensor | LatentSlice) -> dict:
         """Decode `latents` (the shard's CTHW slice, context included) into one committed segment.
@@ -189,17 +198,20 @@ class ShardWorker:
         latents = latents.to(self.device, copy=shared and self.device.type == "cpu")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        sink = open_sink(task.format, local, width, height, task.fps, encoder=self._encoder(task.encoder),
-                         crf=task.crf, preset=task.preset, threads=task.encoder_threads)
-        pipeline_started = time.time()
+        # The stream first: it checks its input, and a refusal then leaves no sink open.
         if task.context_mode == "pruned" and isinstance(decoder, WanDecoder):
             # Context latents only warm the cache of the stages that need them; no frame to drop.
             chunks, drop = stream_with_context(decoder, latents, shard.context), 0
         else:
             chunks, drop = decoder.stream(latents), shard.drop
+        encoder = self._encoder(task.encoder) if task.format == "mp4" else task.encoder
+        sink = open_sink(task.format, local, width, height, task.fps, encoder=encoder,
+                         crf=task.crf, preset=task.preset, threads=task.encoder_threads)
+        pipeline_started = time.time()
         report, result = run_pipeline(chunks, sink, drop=drop, mode=task.pipeline,
                                       depth=task.depth, device=self.device, ring=self._ring)
         pipeline_ended = time.time()
+        committed = False
         try:
             if result.frames != shard.frame_count:
                 raise RuntimeError(f"shard {shard.index}: wrote {result.frames} frames, "
@@ -207,8 +219,10 @@ class ShardWorker:
             sha256 = sha256_file(result.path)
             if in_store is None:
                 store.put_file(result.path, task.segment_key)
+            committed = True
         finally:
-            if in_store is None and os.path.exists(result.path):
+            # Scratch copies always go; a segment written in place goes unless it is good.
+            if (in_store is None or not committed) and os.path.exists(result.path):
                 os.remove(result.path)
         meta = {
             "job_id": task.job_id, "shard": shard.index, "start": shard.start, "stop": shard.stop,

@@ -46,9 +46,10 @@ class Farm:
         use_gpu, n = resolve_workers(device, workers)
         self.pool = WorkerPool(n, use_gpu)
 
-    def render(self, latents, output: str, *, progress: bool = True, **options) -> JobResult:
+    def render(self, latents, output: str, *, progress: bool = True, startup_timeout_s: float = 600.0,
+               **options) -> JobResult:
         spec, tensor = make_spec(latents, output, options)
-        return RenderJob(spec, tensor, pool=self.pool, progress=progress).run()
+        return RenderJob(spec, tensor, pool=self.pool, progress=progress, startup_timeout_s=startup_timeout_s).run()
 
     def close(self):
         self.pool.shutdown()
@@ -63,13 +64,16 @@ class Farm:
 
 
 def render(latents, output: str, *, address: str | None = None, progress: bool = True,
-           farm: Farm | None = None, **options) -> JobResult:
-    """Render one video and block until it is committed; returns its manifest and summary."""
+           farm: Farm | None = None, startup_timeout_s: float = 600.0, **options) -> JobResult:
+    """Render one video and block until it is committed; returns its manifest and summary.
+
+    `startup_timeout_s`: how long to wait for a first decode worker (an autoscaler adding a
+    GPU node takes minutes)."""
     if farm is not None:
-        return farm.render(latents, output, progress=progress, **options)
+        return farm.render(latents, output, progress=progress, startup_timeout_s=startup_timeout_s, **options)
     spec, tensor = make_spec(latents, output, options)
     connect(address)
-    return RenderJob(spec, tensor, progress=progress).run()
+    return RenderJob(spec, tensor, progress=progress, startup_timeout_s=startup_timeout_s).run()
 
 
 class JobHandle:
@@ -103,18 +107,22 @@ class JobHandle:
             raise self._error
         return self._result
 
-    def cancel(self, timeout: float | None = 120) -> None:
-        """Stop dispatching, cancel running shards, leave no video behind."""
+    def cancel(self, timeout: float | None = 120) -> bool:
+        """Stop dispatching, stop running shards, leave no video behind. Returns whether the
+        job has ended within `timeout` (it goes on ending in the background if not)."""
         self.job.cancel()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def submit(latents, output: str, *, address: str | None = None, farm: Farm | None = None,
-           on_event=None, **options) -> JobHandle:
+           on_event=None, startup_timeout_s: float = 600.0, **options) -> JobHandle:
+    """Start a render in a background thread; the handle tells progress, waits or cancels."""
     spec, tensor = make_spec(latents, output, options)
     if farm is None:
         connect(address)
-    job = RenderJob(spec, tensor, pool=farm.pool if farm else None, on_event=on_event, progress=False)
+    job = RenderJob(spec, tensor, pool=farm.pool if farm else None, on_event=on_event, progress=False,
+                    startup_timeout_s=startup_timeout_s)
     return JobHandle(job)
 
 

@@ -7,6 +7,7 @@ worker is one actor holding one GPU; without GPUs it holds a CPU and decodes the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import ray
@@ -19,6 +20,10 @@ log = logging.getLogger("framefarm")
 
 
 class NoWorkersError(RuntimeError):
+    pass
+
+
+class JobCancelled(RuntimeError):
     pass
 
 
@@ -74,13 +79,15 @@ class WorkerPool:
             started.append(actor)
         return started
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, cancelled: threading.Event | None = None) -> None:
         """Block until at least one worker is up, or explain what is missing."""
         deadline = time.monotonic() + timeout_s
         while not self.actors:
+            if cancelled is not None and cancelled.is_set():
+                raise JobCancelled("cancelled while waiting for decode workers")
             if not self._pending:
                 raise NoWorkersError("every decode worker failed to start; see the worker logs")
-            self.poll_ready(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            self.poll_ready(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
             if not self.actors and time.monotonic() > deadline:
                 need = "1 GPU" if self.use_gpu else "1 CPU"
                 raise NoWorkersError(
@@ -95,10 +102,18 @@ class WorkerPool:
         return len(self._pending)
 
     def forget(self, actor):
-        """Drop a dead actor from the pool."""
+        """Drop an actor from the pool, and make sure it is gone: Ray also reports an actor
+        that is merely unreachable for a while (ActorUnavailableError) as lost, and such a
+        one must not keep its GPU, or write a segment its shard's retry is writing too."""
         if actor in self.actors:
             self.actors.remove(actor)
         self.info.pop(actor, None)
+        ray.kill(actor, no_restart=True)
+
+    def replace(self, actor):
+        """Kill `actor` (lost, or busy with work nobody wants any more) and start another."""
+        self.forget(actor)
+        self.spawn(1)
 
     def shutdown(self):
         for actor in self.actors + list(self._pending.values()):

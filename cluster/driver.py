@@ -30,7 +30,7 @@ from ray.util import metrics
 from tqdm.auto import tqdm
 
 from actors.worker import LatentSlice, ShardTask, segment_key, sidecar_key
-from cluster.dispatch import WorkerPool, resolve_workers, start_stitcher
+from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_stitcher
 from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
@@ -39,10 +39,6 @@ from infra.storage import open_store
 from jobs.spec import RenderSpec
 
 log = logging.getLogger("framefarm")
-
-
-class JobCancelled(RuntimeError):
-    pass
 
 
 @dataclass
@@ -101,9 +97,11 @@ class RenderJob:
         self.show_progress = progress
         self.startup_timeout_s = startup_timeout_s
         self.cancelled = threading.Event()
+        self._owns_pool = pool is None
         self.frames_done = 0
         self.frames_total = 0
         self._prepared = None
+        self._prepare_started: float | None = None
 
     def cancel(self):
         self.cancelled.set()
@@ -111,13 +109,15 @@ class RenderJob:
     def prepare(self) -> tuple[torch.Tensor, int, float | None, str]:
         """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
         if self._prepared is None:
+            self._prepare_started = time.time()  # the job's wall time counts reading its input
             self._prepared = prepare(self.spec, self._latents)
         return self._prepared
 
     def run(self) -> JobResult:
         t_job = time.time()
         latents, context, context_cost, fingerprint = self.prepare()
-        own_pool = self.pool is None
+        t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
+        own_pool = self._owns_pool = self.pool is None
         if own_pool:
             use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
             self.pool = WorkerPool(workers, use_gpu)
@@ -146,20 +146,25 @@ class RenderJob:
         if metas:
             log.info("job %s: reusing %d committed segments", job_id, len(metas))
         todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
+        encoder = spec.encoder
         if todo:
-            pool.wait_ready(self.startup_timeout_s)
-            # The first worker up loads the model and says whether a frame fits its device;
-            # a refusal here comes before the stitcher exists, so nothing is written.
-            try:
-                ray.get(pool.actors[0].check_input.remote(spec.decoder, latents.shape[2], latents.shape[3]))
-            except RayTaskError as exc:
-                raise _unwrap(exc) from None
+            encoder = self._check_input(latents).get("encoder", spec.encoder)
+            # A resumed job's reused segments must share the encoder of those still to come
+            # (a first run on NVENC nodes, a resume on libx264 ones): the stitcher joins only
+            # identical streams, so the others are redone.
+            stale = [] if spec.format != "mp4" else sorted(
+                i for i, m in metas.items() if m.get("report", {}).get("sink", {}).get("codec", encoder) != encoder)
+            if stale:
+                log.info("job %s: redoing %d segments encoded with another encoder", job_id, len(stale))
+                for i in stale:
+                    del metas[i]
+                todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
 
         stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
         ok = False
         try:
             stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
-            self._render_shards(plan, latents, job_id, todo, metas, stitcher, stitch_refs)
+            self._render_shards(plan, latents, job_id, todo, metas, stitcher, stitch_refs, encoder)
             ray.get(stitch_refs)
             stitch = ray.get(stitcher.finish.remote())
             ok = True
@@ -174,7 +179,28 @@ class RenderJob:
             ray.kill(stitcher)
         return self._report(plan, store, [metas[i] for i in sorted(metas)], stitch, job_id, t_job)
 
-    def _render_shards(self, plan, latents, job_id, todo, metas, stitcher, stitch_refs):
+    def _check_input(self, latents: torch.Tensor) -> dict:
+        """The first worker up loads the model, says whether a frame fits its device and which
+        encoder "auto" means for this job. A refusal comes before the stitcher exists, so
+        nothing is written. A worker found dead here (a Farm's, lost between jobs) is
+        replaced and the next one asked."""
+        spec, pool = self.spec, self.pool
+        for attempt in range(1, spec.max_attempts + 1):
+            pool.wait_ready(self.startup_timeout_s, self.cancelled)
+            actor = pool.actors[0]
+            try:
+                return ray.get(actor.check_input.remote(spec.decoder, latents.shape[2], latents.shape[3],
+                                                        spec.encoder if spec.format == "mp4" else None))
+            except RayTaskError as exc:
+                raise _unwrap(exc) from None
+            except RayActorError as exc:
+                log.warning("a decode worker was lost before the job began (%s); replacing it", type(exc).__name__)
+                pool.replace(actor)
+                if attempt == spec.max_attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _render_shards(self, plan, latents, job_id, todo, metas, stitcher, stitch_refs, encoder):
         """Dispatch with ray.wait until every shard is committed; retry shards of lost workers."""
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
@@ -200,7 +226,7 @@ class RenderJob:
                     task = ShardTask(
                         job_id=job_id, shard=shard, output_uri=spec.output,
                         segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,
-                        format=spec.format, fps=spec.fps, encoder=spec.encoder, crf=spec.crf,
+                        format=spec.format, fps=spec.fps, encoder=encoder, crf=spec.crf,
                         preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
                         context_mode=spec.context_mode, depth=spec.depth, attempt=attempt)
                     inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
@@ -209,7 +235,7 @@ class RenderJob:
                                                "info": pool.info.get(actor)})
                 if not inflight:
                     # Shards wait and no worker is up: every one died. Wait for the replacements.
-                    pool.wait_ready(self.startup_timeout_s)
+                    pool.wait_ready(self.startup_timeout_s, self.cancelled)
                     continue
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in done:
@@ -218,8 +244,7 @@ class RenderJob:
                     try:
                         meta = ray.get(ref)
                     except RayActorError as exc:
-                        pool.forget(actor)
-                        pool.spawn(1)  # a replacement, wherever Ray finds a free GPU (or none yet)
+                        pool.replace(actor)  # a replacement, wherever Ray finds a free GPU (or none yet)
                         if attempt >= spec.max_attempts:
                             raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from exc
                         log.warning("shard %d: worker lost (%s); retrying elsewhere (attempt %d)",
@@ -228,6 +253,7 @@ class RenderJob:
                         todo.appendleft((shard, attempt + 1))
                         continue
                     metas[shard.index] = meta
+                    slices.pop(shard.index, None)  # committed: its latents can leave the object store
                     stitch_refs.append(stitcher.add.remote(meta))
                     bar.update(meta["frames"])
                     self.frames_done = bar.n
@@ -238,8 +264,15 @@ class RenderJob:
                     self.on_event("done", meta)
         finally:
             bar.close()
-            for ref in inflight:
-                ray.cancel(ref, force=False)
+            pending.set(0, tags={"job": job_id})  # the job is over, whichever way
+            # Work still in flight belongs to a job that is ending (cancelled or failed). A
+            # running actor task ignores ray.cancel, so a pool that outlives the job (a Farm)
+            # has those actors killed and replaced; a job's own pool is shut down anyway.
+            for ref, (_, _, actor) in inflight.items():
+                if self._owns_pool:
+                    ray.cancel(ref, force=False)
+                else:
+                    pool.replace(actor)
 
     def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
         """Step 5 after the video: manifest, timeline, summary; then drop the segments."""
@@ -287,6 +320,6 @@ class RenderJob:
 
 
 def _unwrap(exc: RayTaskError) -> BaseException:
-    """The worker's own exception (InputError, ValueError...) rather than Ray's wrapper."""
-    cause = exc.as_instanceof_cause()
-    return cause if isinstance(cause, BaseException) else exc
+    """The worker's own exception (InputError, ValueError...) rather than Ray's wrapper, whose
+    text is the remote traceback with terminal colours."""
+    return exc.cause if isinstance(exc.cause, BaseException) else exc

@@ -24,6 +24,7 @@ works against an S3-compatible store or a test server.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,15 @@ SEGMENTS_SUBPREFIX = "segments/"
 
 SEGMENTS_RULE_ID = "framefarm-expire-segments"
 MULTIPART_RULE_ID = "framefarm-abort-incomplete-uploads"
+
+
+def rule_id(base: str, prefix: str) -> str:
+    """A lifecycle rule's ID for one prefix: one bucket may serve several prefixes (one IAM
+    policy each), and each bootstrap must keep to its own rules. S3 caps IDs at 255 chars."""
+    if not prefix:
+        return base
+    rid = f"{base}:{prefix.rstrip('/')}"
+    return rid if len(rid) <= 255 else f"{base}:{hashlib.sha256(prefix.encode()).hexdigest()[:32]}"
 DEFAULT_SEGMENT_DAYS = 7
 MULTIPART_DAYS = 1
 
@@ -188,10 +198,10 @@ class Bootstrap:
     # -- lifecycle -----------------------------------------------------------------------------
     def wanted_rules(self) -> list[dict]:
         return [
-            {"ID": SEGMENTS_RULE_ID, "Status": "Enabled",
+            {"ID": rule_id(SEGMENTS_RULE_ID, self.prefix), "Status": "Enabled",
              "Filter": {"Prefix": self._key(SEGMENTS_SUBPREFIX)},
              "Expiration": {"Days": self.segment_days}},
-            {"ID": MULTIPART_RULE_ID, "Status": "Enabled",
+            {"ID": rule_id(MULTIPART_RULE_ID, self.prefix), "Status": "Enabled",
              "Filter": {"Prefix": self._key("")},
              "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": MULTIPART_DAYS}},
         ]

@@ -77,11 +77,14 @@ class Imds:
         self.token_ttl = token_ttl
         self._token: str | None = None
         self._token_expires = 0.0
+        # Never through an HTTP(S)_PROXY: the metadata service is link-local, and a proxy
+        # would fail every poll (the AWS SDKs bypass proxies for it too).
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
         req = urllib.request.Request(self.base_url + path, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -272,7 +272,9 @@ class LocalStore:
         head = prefix.rpartition("/")[0]
         top = os.path.join(self.root, *head.split("/")) if head else self.root
         keys = []
-        for dirpath, _dirs, files in os.walk(top):
+        for dirpath, dirs, files in os.walk(top):
+            # A folder being written (a PNG output before its rename) holds no keys yet.
+            dirs[:] = [d for d in dirs if not d.endswith(TMP_SUFFIX)]
             rel = os.path.relpath(dirpath, self.root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for name in files:
@@ -312,6 +314,7 @@ class LocalStore:
 # S3
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_FORBIDDEN_CODES = {"403", "AccessDenied", "Forbidden"}
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -444,8 +447,9 @@ class S3Store:
             os.replace(tmp, dst)
         except BaseException as e:
             _unlink_quietly(tmp)
-            if _error_code(e) in _NOT_FOUND_CODES:
-                raise self._missing(key) from e
+            err = self._missing_or(key, e)
+            if err is not e:
+                raise err from e
             raise
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
@@ -460,8 +464,9 @@ class S3Store:
                 self.bucket, self._key(key), buf, Config=self._transfer
             )
         except Exception as e:
-            if _error_code(e) in _NOT_FOUND_CODES:
-                raise self._missing(key) from e
+            err = self._missing_or(key, e)
+            if err is not e:
+                raise err from e
             raise
         return buf.getvalue()
 
@@ -478,10 +483,26 @@ class S3Store:
         except Exception as e:
             if _error_code(e) == "InvalidRange":
                 return b""  # starts at or past the end: the object exists, nothing to read
-            if _error_code(e) in _NOT_FOUND_CODES:
-                raise self._missing(key) from e
+            err = self._missing_or(key, e)
+            if err is not e:
+                raise err from e
             raise
         return response["Body"].read()
+
+    def _missing_or(self, key: str, exc: BaseException) -> BaseException:
+        """The error to raise for a failed read of `key`: FileNotFoundError when the key is
+        absent. Under a least-privilege policy S3 answers a read of a missing key with 403
+        (see `_stat`), so a 403 is told apart by listing."""
+        code = _error_code(exc)
+        if code in _NOT_FOUND_CODES:
+            return self._missing(key)
+        if code in _FORBIDDEN_CODES:
+            try:
+                if self._stat(key) is None:
+                    return self._missing(key)
+            except Exception:  # noqa: BLE001 - listing is forbidden too: the 403 is the answer
+                pass
+        return exc
 
     def _stat(self, key: str) -> dict[str, Any] | None:
         """The listing entry of `key`, or None.

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="decode workers (default: one per GPU, 2 on CPU)")
     p.add_argument("--shard-frames", type=int, help="kept latent frames per shard (default: one shard a worker)")
     p.add_argument("--format", default="mp4", choices=["mp4", "ffv1", "png"])
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--fps", type=int, default=None, help="default: the model's native rate (16; 24 for wan2.2-ti2v)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--encoder", default="auto", choices=["auto", "libx264", "h264_nvenc"])
     p.add_argument("--crf", type=int, default=18)

@@ -41,7 +41,9 @@ class RenderSpec(BaseModel):
 
     latents: str | None = Field(None, description="latents file: local path or s3:// URI")
     output: str = Field(..., description="output folder: local path or s3://bucket/prefix")
-    decoder: DecoderSpec = DecoderSpec(name="test-pattern")
+    # Required: a default would let a notebook render a test pattern from real latents
+    # without a word (the test-pattern decoder also takes 16 channels).
+    decoder: DecoderSpec
     overlap: Literal["exact"] | int = "exact"
     # How context latents are decoded: "pruned" runs each only through the stages that still
     # need it (same frames, a fraction of the work); "full" decodes them whole (Wan only).
@@ -49,7 +51,8 @@ class RenderSpec(BaseModel):
     workers: int | None = Field(None, ge=1, description="decode actors; default one per GPU (2 on CPU)")
     shard_frames: int | None = Field(None, ge=1, description="kept latent frames per shard")
     format: Format = "mp4"
-    fps: int = Field(16, ge=1, le=240)
+    # Default: the decoder's model's native rate, 16 for Wan 2.1, 24 for Wan 2.2 TI2V-5B.
+    fps: int | None = Field(None, ge=1, le=240)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
     crf: int = Field(18, ge=0, le=51)
@@ -73,6 +76,12 @@ class RenderSpec(BaseModel):
             raise ValueError("overlap must be >= 1 latent frame (a stream's first latent decodes "
                              "to one frame, not four)")
         return v
+
+    @model_validator(mode="after")
+    def _native_fps(self):
+        if self.fps is None:
+            self.fps = 24 if self.decoder.name == "wan2.2-ti2v" else 16
+        return self
 
     def fingerprint(self, latents_digest: str) -> str:
         """What makes two runs' segments interchangeable (for resuming a job)."""

@@ -120,3 +120,14 @@ def test_bad_shard_indices_are_refused(tmp_path):
             assembler.add({**metas[1], "shard": 2})
     finally:
         assembler.abort()
+
+
+def test_finish_after_abort_refuses_instead_of_waiting(tmp_path):
+    out, metas = _store_segments(tmp_path, "mp4", (9, 8))
+    assembler = SegmentAssembler(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
+    assembler.add(metas[0])
+    assembler.abort()
+    with pytest.raises(RuntimeError, match="aborted"):
+        assembler.finish()
+    with pytest.raises(RuntimeError, match="aborted|closed"):
+        assembler.wait_appended(2, timeout=None)

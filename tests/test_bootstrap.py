@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from infra import iam
-from infra.bootstrap import MULTIPART_RULE_ID, SEGMENTS_RULE_ID, SEGMENTS_SUBPREFIX
+from infra.bootstrap import MULTIPART_RULE_ID, SEGMENTS_RULE_ID, SEGMENTS_SUBPREFIX, rule_id
 from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +81,11 @@ def test_creates_once_then_changes_nothing(aws_env, s3):
     (own,) = s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"]["Rules"]
     assert own["ObjectOwnership"] == "BucketOwnerEnforced"
     rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
-    assert rules[SEGMENTS_RULE_ID]["Filter"] == {"Prefix": f"renders/{SEGMENTS_SUBPREFIX}"}
-    assert rules[SEGMENTS_RULE_ID]["Expiration"] == {"Days": 5}
-    assert rules[MULTIPART_RULE_ID]["Filter"] == {"Prefix": "renders/"}
-    assert rules[MULTIPART_RULE_ID]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    segments, multipart = rule_id(SEGMENTS_RULE_ID, "renders"), rule_id(MULTIPART_RULE_ID, "renders")
+    assert rules[segments]["Filter"] == {"Prefix": f"renders/{SEGMENTS_SUBPREFIX}"}
+    assert rules[segments]["Expiration"] == {"Days": 5}
+    assert rules[multipart]["Filter"] == {"Prefix": "renders/"}
+    assert rules[multipart]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
 
 
 def test_check_changes_nothing_and_says_what_would(aws_env, s3):
@@ -117,13 +118,24 @@ def test_fixes_only_what_differs_and_keeps_other_rules(aws_env, s3):
     assert got["public access"] == "changed" and got["lifecycle"] == "changed"
     assert s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]["BlockPublicPolicy"]
     ids = [r["ID"] for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]]
-    assert sorted(ids) == sorted(["someone-elses-logs", SEGMENTS_RULE_ID, MULTIPART_RULE_ID])
+    assert sorted(ids) == sorted(["someone-elses-logs", rule_id(SEGMENTS_RULE_ID, "jobs"),
+                                  rule_id(MULTIPART_RULE_ID, "jobs")])
 
     # A different expiry is a change to framefarm's rule only; then it is stable again.
     run = bootstrap(aws_env, f"s3://{bucket}/jobs", "--region", REGION, "--segments-expire-days", "2")
-    assert actions(run.stdout)["lifecycle"] == "changed" and "updated " + SEGMENTS_RULE_ID in run.stdout
+    assert actions(run.stdout)["lifecycle"] == "changed" and "updated " + rule_id(SEGMENTS_RULE_ID, "jobs") in run.stdout
     run = bootstrap(aws_env, f"s3://{bucket}/jobs", "--region", REGION, "--segments-expire-days", "2")
     assert set(actions(run.stdout).values()) == {"unchanged"}, run.stdout
+
+
+def test_two_prefixes_of_one_bucket_keep_their_own_rules(aws_env, s3):
+    bucket = unique_bucket("ff-two")
+    for prefix in ("teamA", "teamB"):
+        assert bootstrap(aws_env, f"s3://{bucket}/{prefix}", "--region", REGION).returncode == 0
+    again = bootstrap(aws_env, f"s3://{bucket}/teamA", "--region", REGION)
+    assert set(actions(again.stdout).values()) == {"unchanged"}, again.stdout
+    filters = {r["Filter"]["Prefix"] for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
+    assert filters == {"teamA/", f"teamA/{SEGMENTS_SUBPREFIX}", "teamB/", f"teamB/{SEGMENTS_SUBPREFIX}"}
 
 
 def test_refuses_a_bucket_in_another_region(aws_env, s3):

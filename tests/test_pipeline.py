@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,57 @@ class _GatedSink:
 
     def abort(self):
         self.inner.abort()
+
+
+class _StuckSink:
+    """Its second write blocks until released: a sink stuck in I/O. Records who did what, when."""
+
+    def __init__(self, path):
+        self.inner = open_sink("ffv1", path, W, H, 16)
+        self.release = threading.Event()
+        self.aborted = threading.Event()
+        self.events: list[str] = []
+        self.writes = 0
+
+    def write(self, frames):
+        self.writes += 1
+        self.events.append("write")
+        if self.writes == 2:
+            assert self.release.wait(timeout=60), "never released"
+        self.inner.write(frames)
+        self.events.append("written")
+
+    def close(self):
+        return self.inner.close()
+
+    def abort(self):
+        self.events.append("abort")
+        self.inner.abort()
+        self.aborted.set()
+
+
+@pytest.mark.parametrize("latents, message", [
+    (2, "did not stop within 0.5 s"),  # the last write sticks: the final join times out
+    (4, "took no frames for 0.5 s"),  # a write mid-run sticks: the decode loop's wait for a buffer
+])
+def test_a_stuck_sink_is_aborted_by_its_own_thread_once_its_write_returns(tmp_path, latents, message):
+    from actors.pipeline import HostStuck
+
+    sink = _StuckSink(str(tmp_path / "out.mkv"))
+    with pytest.raises(HostStuck, match=message):
+        run_pipeline(TestPatternDecoder().stream(pattern_latents(latents, H, W)), sink, mode="async",
+                     join_timeout_s=0.5)
+    # The owner gave up but did not touch the sink while a write was in progress ...
+    assert sink.events[-1] == "write" and not sink.aborted.is_set()
+    sink.release.set()
+    # ... the host thread aborts it when that write returns, and writes nothing more.
+    assert sink.aborted.wait(timeout=30)
+    assert sink.events[-2:] == ["written", "abort"]
+    assert os.listdir(tmp_path) == []
+    deadline = time.monotonic() + 30
+    while _host_threads() and time.monotonic() < deadline:
+        threading.Event().wait(0.05)  # polling for the thread's exit, not syncing on it
+    assert not _host_threads()
 
 
 def test_backpressure_names_the_host_as_bottleneck(tmp_path):

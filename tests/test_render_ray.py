@@ -168,3 +168,72 @@ def test_latent_slices_cross_ray_exactly_and_read_only(ray_cluster, dtype):
     got, writeable = ray.get(receive.remote(ray.put(LatentSlice.of(latents))))
     assert got.dtype == dtype and torch.equal(got, latents)
     assert not writeable  # Ray handed over its own memory, not a pickled copy
+
+
+def test_a_farm_outlives_a_dead_worker_and_a_cancelled_job(ray_cluster, tmp_path):
+    import threading
+
+    from cluster.api import Farm
+    from cluster.dispatch import JobCancelled
+
+    latents = pattern_latents(9, 96, 128)
+    with Farm(workers=2, device="cuda") as farm:
+        farm.render(latents, str(tmp_path / "first"), **PATTERN)
+        # A worker dies between jobs (a reclaimed spot node, say): the next job still runs.
+        dead = farm.pool.actors[0]
+        ray.kill(dead, no_restart=True)
+        second = farm.render(latents, str(tmp_path / "second"), **PATTERN)
+        assert [read_index(f) for f in _video(str(tmp_path / "second"), "mp4")] == list(range(pixel_frames(9)))
+        assert dead not in farm.pool.actors and second.summary["frames"] == pixel_frames(9)
+
+        # Cancel once a long job's shards run: the busy workers are killed and replaced (a
+        # running actor task ignores ray.cancel), no video is written, the Farm goes on.
+        running = threading.Event()
+        busy = []
+
+        def on_event(kind, info):
+            if kind == "dispatch":
+                busy.append(info["actor"])
+                running.set()
+
+        # Shards far longer than the dispatch loop's 1 s poll: they are still running at the cancel.
+        handle = submit(pattern_latents(4000, 96, 128), str(tmp_path / "cancelled"), farm=farm,
+                        on_event=on_event, shard_frames=2000, format="ffv1", decoder={"name": "test-pattern"})
+        assert running.wait(timeout=120)
+        assert handle.cancel(timeout=120)
+        with pytest.raises(JobCancelled):
+            handle.wait(timeout=1)
+        assert not os.path.exists(tmp_path / "cancelled" / "video.mkv")
+        assert not set(busy) & set(farm.pool.actors)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(busy[0].describe.remote(), timeout=60)
+        third = farm.render(latents, str(tmp_path / "third"), **PATTERN)
+        assert third.summary["frames"] == pixel_frames(9)
+
+
+def test_worker_errors_reach_the_caller_as_themselves(ray_cluster, tmp_path):
+    # A frame too small for the test pattern is refused in the worker; the caller sees that
+    # error's own message, not Ray's remote traceback.
+    with pytest.raises(Exception) as err:
+        render(pattern_latents(3, 8, 8), str(tmp_path / "out"), **PATTERN)
+    assert "\x1b[" not in str(err.value) and "ray::" not in str(err.value), str(err.value)
+    assert not isinstance(err.value, ray.exceptions.RayTaskError)
+
+
+def test_resume_redoes_segments_made_with_another_encoder(ray_cluster, tmp_path):
+    # A job first run where "auto" meant NVENC, resumed where it means libx264: segments of
+    # both cannot be joined, so the resume redoes the NVENC ones instead of failing to stitch.
+    out = tmp_path / "resume"
+    latents = pattern_latents(9, 96, 128)
+    first = render(latents, str(out), shard_frames=3, keep_segments=True, **PATTERN)
+    assert first.summary["shards"] == 3
+    sidecars = sorted(out.glob("segments/*/*.mp4.json"))
+    sidecars[0].unlink()  # shard 0 was not committed: the resume has work to do
+    meta = json.loads(sidecars[1].read_text())
+    assert meta["report"]["sink"]["codec"] == "libx264"
+    meta["report"]["sink"]["codec"] = "h264_nvenc"  # as a worker with NVENC would have written it
+    sidecars[1].write_text(json.dumps(meta))
+    (out / "video.mp4").unlink()
+    again = render(latents, str(out), shard_frames=3, **PATTERN)
+    assert again.summary["reused_shards"] == 1
+    assert [read_index(f) for f in _video(str(out), "mp4")] == list(range(pixel_frames(9)))

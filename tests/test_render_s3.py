@@ -61,6 +61,16 @@ def test_s3_latents_to_s3_video(s3_ray, tmp_path):
     assert summary["frames"] == pixel_frames(t) == result.summary["frames"]
 
 
+def test_png_to_s3_rerendered_shorter_leaves_no_stale_frames(s3_ray):
+    s3, bucket = s3_ray
+    out = f"s3://{bucket}/renders/png"
+    for t in (3, 2):  # 9 frames, then 5 under the same name
+        render(pattern_latents(t, 96, 128), out, decoder={"name": "test-pattern"}, format="png",
+               workers=2, progress=False)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/png/frames/")["Contents"])
+    assert keys == [f"renders/png/frames/{i:06d}.png" for i in range(pixel_frames(2))]
+
+
 def test_weights_from_s3(s3_ray, tiny_wan_dir, tmp_path):
     s3, bucket = s3_ray
     for name in os.listdir(tiny_wan_dir):

@@ -233,3 +233,13 @@ def test_png_segment_is_a_plain_tar_of_numbered_pngs(tmp_path):
         assert all(tar.extractfile(m).read().startswith(b"\x89PNG\r\n\x1a\n") for m in members)
     # A retried shard must produce the same object, byte for byte.
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_encoder_probe_answers_yes_and_no_with_real_encoders():
+    # The probe's "yes" path must not raise: an encoder that opens here (libx264) stands in
+    # for NVENC on a GPU that has one; a codec that cannot open answers no.
+    from actors.sinks import encoder_opens
+
+    assert encoder_opens("libx264") is True
+    assert encoder_opens("no_such_encoder") is False
+    assert isinstance(nvenc_available(), bool)

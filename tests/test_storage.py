@@ -285,6 +285,28 @@ def test_local_list_hides_in_progress_writes(tmp_path):
     assert store.list() == ["a"]
 
 
+def test_local_list_hides_folders_being_written(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put_bytes("frames/000000.png", b"1")
+    staging = tmp_path / ".frames.0123abcd.framefarm-tmp"  # a PNG output before its rename
+    staging.mkdir()
+    (staging / "000000.png").write_bytes(b"partial")
+    assert store.list() == ["frames/000000.png"]
+
+
+def test_s3_forbidden_read_of_a_missing_key_is_file_not_found(bucket):
+    # Under the project's least-privilege policy S3 answers GET/HEAD of a missing key with
+    # 403 (moto does not enforce IAM, so the 403 is the input here); the store must still
+    # say "not found" when a listing shows the key is absent, and pass a 403 on otherwise.
+    from botocore.exceptions import ClientError
+
+    store = _s3_store(bucket)
+    forbidden = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject")
+    assert isinstance(store._missing_or("nope.bin", forbidden), FileNotFoundError)
+    store.put_bytes("there.bin", b"x")
+    assert store._missing_or("there.bin", forbidden) is forbidden
+
+
 def test_local_path_and_uri(tmp_path):
     store = LocalStore(tmp_path / "s")
     assert store.uri == str(tmp_path / "s")
