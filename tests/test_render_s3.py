@@ -107,3 +107,18 @@ def test_no_gpu_for_a_gpu_job_is_said_not_waited_for(s3_ray, tmp_path):
     with pytest.raises(NoWorkersError, match=r"each needs 1 GPU.*ray status"):
         RenderJob(spec, pattern_latents(3, 96, 128), progress=False, startup_timeout_s=3).run()
     assert not (tmp_path / "out").exists()
+
+
+def test_cancel_while_waiting_for_gpu_workers_ends_the_job(s3_ray, tmp_path):
+    """This module's Ray has no GPU, so a GPU job waits for workers; a cancel ends that wait."""
+    from cluster.api import JobHandle
+    from cluster.dispatch import JobCancelled
+    from cluster.driver import RenderJob
+    from jobs.spec import RenderSpec
+
+    spec = RenderSpec(output=str(tmp_path / "out"), decoder={"name": "test-pattern"}, device="cuda", workers=1)
+    handle = JobHandle(RenderJob(spec, pattern_latents(3, 96, 128), progress=False, startup_timeout_s=600))
+    assert handle.cancel(timeout=60)  # ended, not 600 s of waiting for an autoscaler
+    with pytest.raises(JobCancelled):
+        handle.wait(timeout=1)
+    assert not (tmp_path / "out" / "video.mp4").exists()
