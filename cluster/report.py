@@ -61,7 +61,7 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
         "estimated_cost_usd": billed / 3600 * price_per_gpu_hour,
         "context_overhead": plan_overhead, "shards": len(metas),
         "reused_shards": len(metas) - len(fresh),
-        "retried_shards": sum(1 for m in metas if m["attempt"] > 1),
+        "retried_shards": sum(1 for m in fresh if m["attempt"] > 1),  # in this run, not a reused one's
         "last_shard_to_video_s": (stitch["committed_at"] - last_shard_end) if last_shard_end else None,
         "video": stitch["video"], "video_bytes": stitch["bytes"],
     }
