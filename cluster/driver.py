@@ -243,6 +243,17 @@ class RenderJob:
                     busy.discard(actor)
                     try:
                         meta = ray.get(ref)
+                    except RayTaskError as exc:
+                        # The worker is fine but its shard failed. Worth another try only if
+                        # the cause may pass (I/O, the network, object storage); bad input or
+                        # a bug fails the same way every time.
+                        if not _transient(exc.cause) or attempt >= spec.max_attempts:
+                            raise
+                        log.warning("shard %d: %s: %s; retrying (attempt %d)", shard.index,
+                                    type(exc.cause).__name__, exc.cause, attempt + 1)
+                        self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
+                        todo.appendleft((shard, attempt + 1))
+                        continue
                     except RayActorError as exc:
                         pool.replace(actor)  # a replacement, wherever Ray finds a free GPU (or none yet)
                         if attempt >= spec.max_attempts:
@@ -317,6 +328,15 @@ class RenderJob:
             return None
         meta["reused"] = True
         return meta
+
+
+def _transient(cause: BaseException | None) -> bool:
+    """Errors a retry may not meet again: the OS's (disk, network, a vanished scratch file)
+    and those of boto3's stack, which is matched by module so that boto3 need not be imported."""
+    if isinstance(cause, OSError):
+        return True
+    module = type(cause).__module__ or ""
+    return module.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3")
 
 
 def _unwrap(exc: RayTaskError) -> BaseException:

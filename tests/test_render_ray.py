@@ -237,3 +237,35 @@ def test_resume_redoes_segments_made_with_another_encoder(ray_cluster, tmp_path)
     again = render(latents, str(out), shard_frames=3, **PATTERN)
     assert again.summary["reused_shards"] == 1
     assert [read_index(f) for f in _video(str(out), "mp4")] == list(range(pixel_frames(9)))
+
+
+def test_a_shard_failing_on_io_is_retried_and_bad_input_is_not(ray_cluster, tmp_path):
+    # A file where the segments folder must go: every worker's segment write fails with an
+    # OSError, as a full or vanished disk would. The first retry clears it; the job completes.
+    out = tmp_path / "io"
+    out.mkdir()
+    (out / "segments").write_bytes(b"in the way")
+    retries = []
+
+    def clear_on_retry(kind, info):
+        if kind == "retry":
+            retries.append(info["shard"].index)
+            if (out / "segments").is_file():
+                (out / "segments").unlink()
+
+    result = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_frames=3,
+                    on_event=clear_on_retry, decoder={"name": "test-pattern"}).wait(timeout=300)
+    assert retries and result.summary["retried_shards"] >= 1
+    assert [read_index(f) for f in _video(str(out), "ffv1")] == list(range(pixel_frames(9)))
+
+    # Not transient: the same obstacle for every attempt ends the job after max_attempts,
+    # with the worker's own error.
+    out2 = tmp_path / "io2"
+    out2.mkdir()
+    (out2 / "segments").write_bytes(b"in the way")
+    retried = []
+    with pytest.raises(OSError):
+        submit(pattern_latents(3, 96, 128), str(out2), format="ffv1", max_attempts=2, workers=1,
+               on_event=lambda kind, info: retried.append(info["shard"].index) if kind == "retry" else None,
+               decoder={"name": "test-pattern"}).wait(timeout=300)
+    assert retried == [0]  # one shard, two attempts, one retry between them
