@@ -205,8 +205,9 @@ class RenderJob:
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
                    file=sys.stderr, mininterval=1.0)
-        bar.update(sum(m["frames"] for m in metas.values()))
-        self.frames_done = bar.n
+        # Counted apart from the bar: a disabled bar (submit's jobs) counts nothing.
+        self.frames_done = sum(m["frames"] for m in metas.values())
+        bar.update(self.frames_done)
         pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
         inflight: dict = {}  # ref -> (shard, attempt, actor)
         busy: set = set()
@@ -267,7 +268,7 @@ class RenderJob:
                     slices.pop(shard.index, None)  # committed: its latents can leave the object store
                     stitch_refs.append(stitcher.add.remote(meta))
                     bar.update(meta["frames"])
-                    self.frames_done = bar.n
+                    self.frames_done += meta["frames"]
                     r = meta["report"]
                     log.info("shard %d/%d done on %s: %d frames in %.1f s, GPU busy %.0f%%, bottleneck %s",
                              shard.index + 1, len(plan.shards), meta["hostname"], meta["frames"],

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
     _save(results, args.out)
-    print(f"\nwrote {args.out} ({results['card']})")
+    print(f"\nwrote {args.out}" + (f" ({results['card']})" if results["card"] else ""))
     return 0
 
 

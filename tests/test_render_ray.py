@@ -253,9 +253,11 @@ def test_a_shard_failing_on_io_is_retried_and_bad_input_is_not(ray_cluster, tmp_
             if (out / "segments").is_file():
                 (out / "segments").unlink()
 
-    result = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_frames=3,
-                    on_event=clear_on_retry, decoder={"name": "test-pattern"}).wait(timeout=300)
+    handle = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_frames=3,
+                    on_event=clear_on_retry, decoder={"name": "test-pattern"})
+    result = handle.wait(timeout=300)
     assert retries and result.summary["retried_shards"] >= 1
+    assert handle.progress() == (pixel_frames(9), pixel_frames(9))  # a handle's job has no bar
     assert [read_index(f) for f in _video(str(out), "ffv1")] == list(range(pixel_frames(9)))
 
     # Not transient: the same obstacle for every attempt ends the job after max_attempts,
