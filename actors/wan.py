@@ -232,15 +232,16 @@ class WanDecoder:
         self._takes_first_chunk = "first_chunk" in inspect.signature(self.decoder.forward).parameters
         if self.patch_size > 1 and not self._takes_first_chunk:
             raise ValueError("this diffusers release cannot decode patchified (Wan 2.2) VAEs streaming")
-        self._mean = torch.tensor(config["latents_mean"], dtype=torch.float32).view(-1, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(config["latents_std"], dtype=torch.float32).view(-1, 1, 1)
-        if self._mean.shape[0] != self.z_dim or self._inv_std.shape[0] != self.z_dim:
-            raise ValueError(f"latents_mean/std have {self._mean.shape[0]}/{self._inv_std.shape[0]} "
-                             f"entries, z_dim is {self.z_dim}")
-        # Cast the way WanPipeline does (to the VAE dtype, then latents / (1/std) + mean),
-        # so our frames equal what the pipeline's own decode would produce, bit for bit.
-        self._mean = self._mean.to(self.device, dtype)
-        self._inv_std = self._inv_std.to(self.device, dtype)
+        mean = torch.tensor(config["latents_mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(config["latents_std"], dtype=torch.float32).view(-1, 1, 1)
+        if mean.shape[0] != self.z_dim or std.shape[0] != self.z_dim:
+            raise ValueError(f"latents_mean/std have {mean.shape[0]}/{std.shape[0]} entries, z_dim is {self.z_dim}")
+        # Cast the way WanPipeline does: std to the VAE dtype first, its reciprocal in that
+        # dtype, then latents / (1/std) + mean. In bf16 the order of the cast and the
+        # reciprocal changes one rounding in six values; this order matches the pipeline's
+        # own decode bit for bit.
+        self._mean = mean.to(self.device, dtype)
+        self._inv_std = 1.0 / std.to(self.device, dtype)
 
     def __repr__(self) -> str:
         return (f"WanDecoder({self.name}, z_dim={self.z_dim}, spatial_scale={self.spatial_scale}, "
@@ -442,5 +443,16 @@ def load_wan_decoder(path: str | os.PathLike, device: str | torch.device = "cpu"
     for key in ("z_dim", "latents_mean", "latents_std"):
         if key not in config:
             raise ValueError(f"{config_path} lacks {key!r}")
-    vae = AutoencoderKLWan.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
+    # diffusers only warns about weights the file lacks and leaves them random: a partial
+    # or mismatched checkpoint would decode noise without a word. Refuse it.
+    vae, info = AutoencoderKLWan.from_pretrained(path, use_safetensors=True, torch_dtype=dtype,
+                                                 low_cpu_mem_usage=False, output_loading_info=True)
+    needed = ("decoder.", "post_quant_conv.")  # the encoder may be absent: nothing here encodes
+    missing = [k for k in info.get("missing_keys", []) if k.startswith(needed)]
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])]
+    if missing or mismatched:
+        bad = missing or mismatched
+        raise ValueError(f"Wan VAE folder {path}: its weights do not match its config.json: "
+                         f"{len(missing)} decoder weights missing, {len(mismatched)} of the wrong shape "
+                         f"(e.g. {', '.join(bad[:3])})")
     return WanDecoder(vae, device=device, dtype=dtype)

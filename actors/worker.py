@@ -116,6 +116,16 @@ def build_decoder(spec: DecoderSpec, device: torch.device) -> Decoder:
     return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype)
 
 
+def decoder_weight_bytes(decoder: Decoder) -> int:
+    """Device memory the decoder's weights take (0 for one without weights)."""
+    module = getattr(decoder, "decoder", None)
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    extra = getattr(decoder, "post_quant_conv", None)
+    params = list(module.parameters()) + (list(extra.parameters()) if isinstance(extra, torch.nn.Module) else [])
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def describe_device(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -165,7 +175,8 @@ class ShardWorker:
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
-        check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"])
+        check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"],
+                   weights_bytes=decoder_weight_bytes(decoder))
         info = {"peak_memory_bytes": peak, "height": height, "width": width}
         if encoder is not None:
             info["encoder"] = self._encoder(encoder)

@@ -48,6 +48,12 @@ def wan_config(spec: DecoderSpec) -> dict:
                                 "(config.json + diffusion_pytorch_model.safetensors)") from exc
     if not store.exists("diffusion_pytorch_model.safetensors"):
         raise FileNotFoundError(f"{spec.weights}: no diffusion_pytorch_model.safetensors")
+    # The architecture comes from config.json, but the job's defaults (fps) from the name:
+    # a mix-up would decode one model while labelling it the other.
+    variant = wan._variant_name(config).removesuffix("-vae")
+    if variant in ("wan2.1", "wan2.2-ti2v") and variant != spec.name:
+        raise ValueError(f"{spec.weights} holds a {variant} VAE (by its config.json), but the job asks for "
+                         f"decoder {spec.name!r}; pass --decoder {variant}")
     return config
 
 

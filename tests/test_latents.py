@@ -111,6 +111,10 @@ def test_frame_too_large_for_the_device():
     with pytest.raises(InputError, match="7680x4320 needs about"):
         check_fits(200 * 2**30, 96 * 2**30, 4320, 7680, "NVIDIA RTX PRO 6000")
     check_fits(10 * 2**30, 96 * 2**30, 720, 1280, "NVIDIA RTX PRO 6000")
+    # The allocator reserves about half as much again as the peak, and the weights come on top.
+    with pytest.raises(InputError, match="70.0 GiB peak"):
+        check_fits(70 * 2**30, 96 * 2**30, 2304, 4096, "NVIDIA RTX PRO 6000")
+    check_fits(60 * 2**30, 96 * 2**30, 2304, 4096, "NVIDIA RTX PRO 6000", weights_bytes=2**30)
 
 
 @pytest.mark.parametrize("tensor", [torch.randn(Z, 3, 4), torch.randn(8, 3, 30, 40)])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -114,8 +115,17 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
             removed.append(info["shard"].index)
 
     out = str(tmp_path / "removed")
-    result = submit(latents, out, format="ffv1", shard_frames=3, on_event=remove_node_of_dispatch,
-                    decoder={"name": "test-pattern"}).wait(timeout=300)
+    from cluster.api import Farm
+
+    with Farm(workers=3, device="cuda") as farm:
+        # All three workers up before the job (one per node, each node has one GPU), so the
+        # first round of dispatch reaches the victim's: a slow start cannot skip it.
+        deadline = time.monotonic() + 180
+        while len(farm.pool.actors) < 3 and time.monotonic() < deadline:
+            farm.pool.poll_ready(timeout=1.0)
+        assert len(farm.pool.actors) == 3
+        result = submit(latents, out, farm=farm, format="ffv1", shard_frames=3, on_event=remove_node_of_dispatch,
+                        decoder={"name": "test-pattern"}).wait(timeout=300)
     assert removed
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
     assert result.summary["retried_shards"] >= 1

@@ -323,6 +323,49 @@ def test_load_errors_name_the_path(tmp_path):
         load_wan_decoder(str(other))
 
 
+def test_partial_or_mismatched_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "vae"
+    _vae(tiny_wan_config(), seed=2).save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    full = load_file(weights)
+    # A decoder-only file is fine (nothing here encodes) ...
+    save_file({k: v for k, v in full.items() if not k.startswith(("encoder.", "quant_conv."))}, weights)
+    load_wan_decoder(str(folder))
+    # ... one missing a block of the decoder would decode noise: refused.
+    save_file({k: v for k, v in full.items() if not k.startswith("decoder.up_blocks.0.")}, weights)
+    with pytest.raises(ValueError, match="decoder weights missing"):
+        load_wan_decoder(str(folder))
+    # So is a config.json that describes another architecture than the weights.
+    save_file(full, weights)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_res_blocks": 2}))
+    with pytest.raises(ValueError, match="do not match its config.json"):
+        load_wan_decoder(str(folder))
+
+
+def test_bf16_unnormalization_is_wan_pipelines_bit_for_bit():
+    # WanPipeline: latents / (1 / std.to(dtype)) + mean.to(dtype), all in the VAE's dtype.
+    config = tiny_wan_config()
+    decoder = WanDecoder(_vae(config), dtype=torch.bfloat16)
+    std = torch.tensor(config["latents_std"]).view(-1, 1, 1).to(torch.bfloat16)
+    mean = torch.tensor(config["latents_mean"]).view(-1, 1, 1).to(torch.bfloat16)
+    z = torch.randn(16, 8, 8).to(torch.bfloat16)
+    assert torch.equal(z / decoder._inv_std + decoder._mean, z / (1.0 / std) + mean)
+
+
+def test_weights_of_the_other_variant_are_refused_before_any_work(tmp_path):
+    from cluster.geometry import decoder_geometry
+    from jobs.spec import DecoderSpec
+
+    folder = tmp_path / "ti2v"
+    _vae(tiny_wan_config("2.2")).save_pretrained(folder)
+    with pytest.raises(ValueError, match="holds a wan2.2-ti2v VAE.*--decoder wan2.2-ti2v"):
+        decoder_geometry(DecoderSpec(name="wan2.1", weights=str(folder)))
+    assert decoder_geometry(DecoderSpec(name="wan2.2-ti2v", weights=str(folder))).z_dim == 48
+
+
 def test_random_decoder_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
