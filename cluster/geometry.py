@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.decoders import TestPatternDecoder
+from cluster.plan import TEMPORAL_SCALE
 from infra.storage import open_store
 from jobs.spec import DecoderSpec
 
@@ -46,8 +47,8 @@ def wan_config(spec: DecoderSpec) -> dict:
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{spec.weights}: no config.json; expected a diffusers-format VAE folder "
                                 "(config.json + diffusion_pytorch_model.safetensors)") from exc
-    if not store.exists("diffusion_pytorch_model.safetensors"):
-        raise FileNotFoundError(f"{spec.weights}: no diffusion_pytorch_model.safetensors")
+    if not (store.exists(wan.WEIGHTS_NAME) or store.exists(wan.WEIGHTS_INDEX_NAME)):
+        raise FileNotFoundError(f"{spec.weights}: no {wan.WEIGHTS_NAME} (or its sharded index)")
     # The architecture comes from config.json, but the job's defaults (fps) from the name:
     # a mix-up would decode one model while labelling it the other.
     variant = wan._variant_name(config).removesuffix("-vae")
@@ -68,4 +69,8 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
     with torch.device("meta"):  # topology only: no memory, no weights
         vae = AutoencoderKLWan.from_config(wan_config(spec))
     decoder = WanDecoder(vae, device="meta")
+    if decoder.time_scale != TEMPORAL_SCALE:
+        # The planner's frame arithmetic (1 + 4(T-1) frames) is Wan's; refuse before any work.
+        raise ValueError(f"this VAE's config compresses time {decoder.time_scale}x; framefarm plans shards for "
+                         f"Wan's {TEMPORAL_SCALE}x (temperal_downsample with two True entries)")
     return DecoderGeometry(decoder.z_dim, decoder.spatial_scale, decoder.receptive_field, decoder)

@@ -366,6 +366,29 @@ def test_weights_of_the_other_variant_are_refused_before_any_work(tmp_path):
     assert decoder_geometry(DecoderSpec(name="wan2.2-ti2v", weights=str(folder))).z_dim == 48
 
 
+def test_sharded_checkpoints_pass_the_drivers_check_and_load(tmp_path):
+    from cluster.geometry import decoder_geometry
+    from jobs.spec import DecoderSpec
+
+    folder = tmp_path / "sharded"
+    vae = _vae(tiny_wan_config(), seed=3)
+    vae.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert decoder_geometry(DecoderSpec(name="wan2.1", weights=str(folder))).z_dim == 16
+    z = _latents(16, 2, seed=4)
+    assert torch.equal(_decode_all(load_wan_decoder(str(folder)), z), _decode_all(WanDecoder(vae), z))
+
+
+def test_a_vae_that_is_not_4x_in_time_is_refused_before_any_work(tmp_path):
+    from cluster.geometry import decoder_geometry
+    from jobs.spec import DecoderSpec
+
+    folder = tmp_path / "2x"
+    _vae({**tiny_wan_config(), "temperal_downsample": [False, False, True]}).save_pretrained(folder)
+    with pytest.raises(ValueError, match="compresses time 2x"):
+        decoder_geometry(DecoderSpec(name="wan2.1", weights=str(folder)))
+
+
 def test_random_decoder_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
