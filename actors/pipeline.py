@@ -292,13 +292,16 @@ class _HostWorker:
                     except Exception:  # noqa: BLE001 - nobody is left to tell; the owner already raised
                         pass
 
-    def _hand_over_abort(self) -> bool:
-        """Step 4: True if the thread is still running and will abort the sink itself."""
+    def give_up(self, what: str) -> None:
+        """Step 4: stop the thread; if it is still running, it aborts the sink itself when
+        its write returns, and HostStuck (saying `what` happened) tells the owner not to."""
+        self.stop.set()
         with self._exit_lock:
             if self._exited:
-                return False
+                return
             self._abort_on_exit = True
-            return True
+        raise HostStuck(f"frame pipeline: {what} (is the sink blocked on I/O?); "
+                        "the host thread aborts the sink when its write returns")
 
     def _feed(self):
         try:
@@ -337,10 +340,7 @@ class _HostWorker:
             return  # already given up on (a stalled acquire): the HostStuck in flight says why
         self.thread.join(timeout=self.join_timeout_s)
         if self.thread.is_alive():
-            self.stop.set()
-            if self._hand_over_abort():
-                raise HostStuck(f"frame pipeline: host worker did not stop within {self.join_timeout_s:g} s "
-                                "(is the sink blocked on I/O?); it aborts the sink when it returns")
+            self.give_up(f"host worker did not stop within {self.join_timeout_s:g} s")
         self.check()
 
 
@@ -441,10 +441,7 @@ class _FreeSlots:
                 pass
             if time.perf_counter() - t > host.join_timeout_s:
                 # Every buffer is held by a write that does not return: a sink stuck in I/O.
-                host.stop.set()
-                if host._hand_over_abort():
-                    raise HostStuck(f"frame pipeline: the sink took no frames for {host.join_timeout_s:g} s "
-                                    "(is it blocked on I/O?); the host thread aborts it when it returns")
+                host.give_up(f"the sink took no frames for {host.join_timeout_s:g} s")
         report.wait_for_buffer_s += time.perf_counter() - t
         return slot
 
