@@ -81,7 +81,7 @@ def test_pruned_context_cost_rebalances_shards_and_reports_compute_overhead():
 
 
 def test_measured_context_cost_reads_context_time_off_the_shards():
-    from jobs.bench_scaling import measured_context_cost
+    from benchmarks.bench_scaling import measured_context_cost
 
     # Shard 0 decodes 100 latents in 20 s (0.2 s each); the others pay 0.3 and 0.5 s of
     # context beside their kept latents: 1.5 and 2.5 latent frames' worth, 2.0 on average.

@@ -1,7 +1,7 @@
 """FastWanDecoder: the same frames as WanDecoder, flag by flag, and exact shards.
 
 CPU, tiny configs (8 channels, 4x4 latents). The compiled and CUDA-graph paths need a GPU
-(compile alone runs on CPU too, but takes ~90 s on 2 cores); jobs.bench_decoder checks
+(compile alone runs on CPU too, but takes ~90 s on 2 cores); benchmarks.bench_decoder checks
 them on the GPU against the fp32 reference.
 
 On the bf16 guard: against the fp32 reference on the same input, the issue asks for a

@@ -1,6 +1,6 @@
 """A job's start-up on the driver: what stands between submitting and the shards decoding.
 
-    python -m jobs.bench_startup [--latent-frames 361] [--size 1280x720] [--shards 4]
+    python -m benchmarks.bench_startup [--latent-frames 361] [--size 1280x720] [--shards 4]
                                  [--repeat 3] [--out bench_startup.json]
 
 Every job validates its latents, fingerprints them (the key of resumable segments) and
@@ -39,7 +39,7 @@ CONTEXT = 38
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_startup", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_startup", description=__doc__.split("\n\n")[0])
     p.add_argument("--latent-frames", type=int, default=361)
     p.add_argument("--size", default="1280x720")
     p.add_argument("--shards", type=int, default=4)

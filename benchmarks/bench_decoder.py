@@ -1,6 +1,6 @@
 """The Wan VAE decoder alone, before and after each speed change, side by side on one GPU.
 
-    python -m jobs.bench_decoder [--sizes 1280x720,832x480] [--frames 10] [--variants ...]
+    python -m benchmarks.bench_decoder [--sizes 1280x720,832x480] [--frames 10] [--variants ...]
                                  [--out bench_decoder.json] [--time-budget-s 200] [--device cuda]
 
 On the real Wan 2.1 VAE architecture with random weights (AutoencoderKLWan() default
@@ -56,7 +56,7 @@ MARGIN_S = 8  # kept free at the end to write results
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_decoder", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1280x720,832x480", help="WIDTHxHEIGHT, comma-separated, in order")
     p.add_argument("--frames", type=int, default=10, help=f"latent frames per stream (>= {WARMUP_STEPS + 2})")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="subset of " + ",".join(ALL_VARIANTS))

@@ -1,6 +1,6 @@
 """Multi-GPU benchmark: one long video rendered on 1, 2, 4... GPUs of this machine through Ray.
 
-    python -m jobs.bench_scaling [--gpus 1,2,4] [--latent-frames 361] [--size 1280x720] [--out scaling.json]
+    python -m benchmarks.bench_scaling [--gpus 1,2,4] [--latent-frames 361] [--size 1280x720] [--out scaling.json]
 
 Each GPU count gets its own `Farm` (one DecodeWorker a GPU), warmed up by a short job so
 model loading and cuDNN's algorithm search stay out of the timings; then the video is
@@ -24,7 +24,7 @@ from cluster.api import Farm
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_scaling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", default="1,2,4")
     p.add_argument("--latent-frames", type=int, default=361)
     p.add_argument("--size", default="1280x720")

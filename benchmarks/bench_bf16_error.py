@@ -1,6 +1,6 @@
 """Where a bf16 Wan decode loses accuracy, and how low its error can go (CPU or GPU).
 
-    python -m jobs.bench_bf16_error [--config wan2.1|tiny2.1] [--seeds 0,1,2] [--latent 6x6]
+    python -m benchmarks.bench_bf16_error [--config wan2.1|tiny2.1] [--seeds 0,1,2] [--latent 6x6]
                                     [--frames 4] [--out bench_bf16_error.json]
 
 Issue 5's guard asks a bf16 decoder for a relative L2 error of at most 1e-2 against the
@@ -42,7 +42,7 @@ STAGES = 4  # latent resolution, then three 2x spatial upsamples (Wan 2.1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_bf16_error", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bf16_error", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=["wan2.1", "tiny2.1"], default="wan2.1")
     p.add_argument("--seeds", default="0,1,2", help="model seeds; the latents use seed + 20")
     p.add_argument("--latent", default="6x6", help="latent WIDTHxHEIGHT (8x the frame size)")

@@ -1,6 +1,6 @@
 """Single-GPU benchmark: diffusers' decode + encode against framefarm's pipeline, side by side.
 
-    python -m jobs.bench [--out results.json] [--sizes 1280x720,832x480] [--dtypes fp32,bf16]
+    python -m benchmarks.bench [--out results.json] [--sizes 1280x720,832x480] [--dtypes fp32,bf16]
 
 Variants, each on the same random-weight Wan 2.1 VAE and the same latents:
   (a) diffusers: `vae.decode()` of the whole video, then libx264 of every frame, one thread
@@ -29,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench.json")
     p.add_argument("--sizes", default="1280x720,832x480")
     p.add_argument("--dtypes", default="fp32,bf16")

@@ -1,6 +1,6 @@
 """The stitcher's tail: from the last shard landing to the committed video (CPU only).
 
-    python -m jobs.bench_stitch [--segments 4] [--frames 360] [--size 1280x720]
+    python -m benchmarks.bench_stitch [--segments 4] [--frames 360] [--size 1280x720]
                                 [--verify-threads 1,4] [--repeat 3] [--out bench_stitch.json]
 
 A balanced plan makes every shard finish at about the same time, so the stitcher meets all
@@ -39,7 +39,7 @@ from infra.checksum import sha256_file
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_stitch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stitch", description=__doc__.split("\n\n")[0])
     p.add_argument("--segments", type=int, default=4)
     p.add_argument("--frames", type=int, default=360, help="frames per segment")
     p.add_argument("--size", default="1280x720")
