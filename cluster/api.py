@@ -4,22 +4,27 @@
     result = render(latents, "out/", decoder={"name": "wan2.1", "weights": "s3://models/wan-vae"})
     result.summary["realtime_factor"]
 
-`latents` may be a path, an s3:// URI or a torch tensor ([C,T,H,W] or [1,C,T,H,W]).
-Options are `jobs.spec.RenderSpec`'s fields. Ray is joined if running, or started
+`latents` may be a path (str or pathlib.Path), an s3:// URI, a torch tensor or a numpy
+array ([C,T,H,W] or [1,C,T,H,W]). Options are `jobs.spec.RenderSpec`'s fields, as keywords;
+`decoder` is a name, a dict or a DecoderSpec, and its fields (weights, random_weights,
+dtype, seed) may also be keywords: `render(z, "out/", decoder="wan2.1", weights="/models/vae")`. Ray is joined if running, or started
 locally; `address=` picks a cluster explicitly. A `Farm` keeps its decode workers (and
 their loaded models) across jobs.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
+import numpy as np
 import ray
 import torch
 
 from cluster.dispatch import WorkerPool, resolve_workers
 from cluster.driver import JobResult, RenderJob
-from jobs.spec import RenderSpec
+from cluster.latents import InputError
+from jobs.spec import DecoderSpec, RenderSpec
 
 
 def connect(address: str | None = None, **init_kwargs) -> bool:
@@ -32,10 +37,55 @@ def connect(address: str | None = None, **init_kwargs) -> bool:
     return True
 
 
-def make_spec(latents, output: str, options: dict) -> tuple[RenderSpec, torch.Tensor | None]:
-    tensor = latents if isinstance(latents, torch.Tensor) else None
-    path = None if tensor is not None else str(latents)
-    return RenderSpec(latents=path, output=output, **options), tensor
+# Keywords of render/submit that belong to the decoder, as the CLI's --weights etc. do.
+DECODER_KEYWORDS = tuple(f for f in DecoderSpec.model_fields if f != "name")
+
+
+def as_latents(latents) -> tuple[str | None, torch.Tensor | None]:
+    """(a path or URI, or a tensor) from what a notebook holds: str, pathlib.Path, a torch
+    tensor or a numpy array. Anything else is refused here, before Ray starts."""
+    if isinstance(latents, torch.Tensor):
+        return None, latents
+    if isinstance(latents, np.ndarray):
+        if latents.dtype.kind not in "fiu":
+            raise InputError(f"latents: a numpy array of {latents.dtype} values; give floats")
+        return None, torch.from_numpy(np.ascontiguousarray(latents))
+    if isinstance(latents, (str, os.PathLike)):
+        return os.fspath(latents), None
+    raise InputError(f"latents: a {type(latents).__name__}; give a path, an s3:// URI, a torch tensor "
+                     "or a numpy array")
+
+
+def make_spec(latents, output, options: dict) -> tuple[RenderSpec, torch.Tensor | None]:
+    """The job spec from render/submit's arguments.
+
+    `decoder` may be a name ("wan2.1"), a dict or a DecoderSpec; the decoder's other fields
+    (weights=, random_weights=, dtype=, seed=) may also come as keywords of their own."""
+    path, tensor = as_latents(latents)
+    if not isinstance(output, (str, os.PathLike)):
+        raise InputError(f"output: a {type(output).__name__}; give a folder path or an s3:// URI")
+    options = dict(options)
+    decoder = options.pop("decoder", None)
+    loose = {k: options.pop(k) for k in DECODER_KEYWORDS if k in options}
+    if decoder is None:
+        raise InputError('decoder= is required: "wan2.1", "wan2.2-ti2v" or "test-pattern" (a test '
+                         "pattern by default would pass real latents without a word)")
+    if isinstance(decoder, str):
+        decoder = {"name": decoder}
+    elif isinstance(decoder, DecoderSpec):
+        decoder = decoder.model_dump()
+    elif not isinstance(decoder, dict):
+        raise InputError(f"decoder: a {type(decoder).__name__}; give a name, a dict or a DecoderSpec")
+    twice = sorted(set(loose) & {k for k, v in decoder.items() if v is not None})
+    if twice and any(decoder[k] != loose[k] for k in twice):
+        raise InputError(f"{', '.join(twice)} given both in decoder= and as keywords; give each once")
+    for key, value in loose.items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        decoder[key] = value
+    if isinstance(decoder.get("weights"), os.PathLike):
+        decoder["weights"] = os.fspath(decoder["weights"])
+    return RenderSpec(latents=path, output=os.fspath(output), decoder=decoder, **options), tensor
 
 
 class Farm:
@@ -46,10 +96,12 @@ class Farm:
         use_gpu, n = resolve_workers(device, workers)
         self.pool = WorkerPool(n, use_gpu)
 
-    def render(self, latents, output: str, *, progress: bool = True, startup_timeout_s: float = 600.0,
+    def render(self, latents, output: str | os.PathLike, *, progress: bool = True, startup_timeout_s: float = 600.0,
                **options) -> JobResult:
         spec, tensor = make_spec(latents, output, options)
-        return RenderJob(spec, tensor, pool=self.pool, progress=progress, startup_timeout_s=startup_timeout_s).run()
+        job = RenderJob(spec, tensor, pool=self.pool, progress=progress, startup_timeout_s=startup_timeout_s)
+        job.prepare()
+        return job.run()
 
     def close(self):
         self.pool.shutdown()
@@ -63,7 +115,7 @@ class Farm:
         self.close()
 
 
-def render(latents, output: str, *, address: str | None = None, progress: bool = True,
+def render(latents, output: str | os.PathLike, *, address: str | None = None, progress: bool = True,
            farm: Farm | None = None, startup_timeout_s: float = 600.0, **options) -> JobResult:
     """Render one video and block until it is committed; returns its manifest and summary.
 
@@ -72,8 +124,10 @@ def render(latents, output: str, *, address: str | None = None, progress: bool =
     if farm is not None:
         return farm.render(latents, output, progress=progress, startup_timeout_s=startup_timeout_s, **options)
     spec, tensor = make_spec(latents, output, options)
+    job = RenderJob(spec, tensor, progress=progress, startup_timeout_s=startup_timeout_s)
+    job.prepare()  # bad input and options fail here, before Ray is started or joined
     connect(address)
-    return RenderJob(spec, tensor, progress=progress, startup_timeout_s=startup_timeout_s).run()
+    return job.run()
 
 
 class JobHandle:
@@ -115,15 +169,16 @@ class JobHandle:
         return not self._thread.is_alive()
 
 
-def submit(latents, output: str, *, address: str | None = None, farm: Farm | None = None,
+def submit(latents, output: str | os.PathLike, *, address: str | None = None, farm: Farm | None = None,
            on_event=None, startup_timeout_s: float = 600.0, **options) -> JobHandle:
     """Start a render in a background thread; the handle tells progress, waits or cancels."""
     spec, tensor = make_spec(latents, output, options)
-    if farm is None:
-        connect(address)
     job = RenderJob(spec, tensor, pool=farm.pool if farm else None, on_event=on_event, progress=False,
                     startup_timeout_s=startup_timeout_s)
+    job.prepare()  # bad input fails in the caller, before Ray, not later in the handle's wait()
+    if farm is None:
+        connect(address)
     return JobHandle(job)
 
 
-__all__ = ["Farm", "JobHandle", "JobResult", "connect", "render", "submit", "resolve_workers"]
+__all__ = ["Farm", "JobHandle", "JobResult", "connect", "make_spec", "render", "submit", "resolve_workers"]

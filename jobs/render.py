@@ -15,68 +15,61 @@ import logging
 import os
 import sys
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.latents import InputError
+from jobs.cli import add_model_options, describe_errors, model_input
+from jobs.spec import RenderSpec
 
 DEMO_OUTPUT = "framefarm-demo"
+POSITIONAL = ("latents", "output")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.render", description=__doc__.split("\n\n")[0])
-    p.add_argument("latents", nargs="?", help="latents file (.safetensors, .npy, .pt): path or s3:// URI")
-    p.add_argument("output", nargs="?", help="output folder: path or s3://bucket/prefix")
-    p.add_argument("--demo", action="store_true",
-                   help="render synthetic latents with the test-pattern decoder (no download); "
-                        f"OUTPUT defaults to ./{DEMO_OUTPUT}")
-    p.add_argument("--decoder", default=None, choices=["wan2.1", "wan2.2-ti2v", "test-pattern"],
-                   help="default: wan2.1, or test-pattern with --demo")
-    p.add_argument("--weights", help="diffusers-format VAE folder (config.json + safetensors): path or s3://")
-    p.add_argument("--random-weights", action="store_true", help="the real architecture, random weights")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--overlap", default="exact", help="'exact' (the receptive field) or N latent frames")
-    p.add_argument("--context-mode", default="pruned", choices=["pruned", "full"],
-                   help="decode context latents only through the stages that need them (same frames)")
-    p.add_argument("--workers", type=int, help="decode workers (default: one per GPU, 2 on CPU)")
-    p.add_argument("--shard-frames", type=int, help="kept latent frames per shard (default: one shard a worker)")
-    p.add_argument("--format", default="mp4", choices=["mp4", "ffv1", "png"])
-    p.add_argument("--fps", type=int, default=None, help="default: the model's native rate (16; 24 for wan2.2-ti2v)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--encoder", default="auto", choices=["auto", "libx264", "h264_nvenc"])
-    p.add_argument("--crf", type=int, default=18)
-    p.add_argument("--preset", default="veryfast")
-    p.add_argument("--encoder-threads", type=int, default=0, help="0: the encoder picks by core count")
-    p.add_argument("--pipeline", default="async", choices=["async", "sync"])
-    p.add_argument("--depth", type=int, default=2, help="pinned host buffers in the pipeline's ring")
-    p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--keep-segments", action="store_true",
-                   help="keep OUTPUT/segments/ after the video is committed (default: delete them)")
-    p.add_argument("--price-per-gpu-hour", type=float, default=3.36)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, "
-                                     "or a new embedded one)")
-    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for workers")
-    p.add_argument("--demo-frames", type=int, default=41, help="latent frames of the demo")
-    args = p.parse_args(argv)
-    if args.demo:
-        if args.output is None:
-            args.output = args.latents or DEMO_OUTPUT
-            args.latents = None
-    elif not (args.latents and args.output):
-        p.error("LATENTS and OUTPUT are required (or --demo)")
-    return args
+class RunOptions(BaseModel):
+    """How this command runs the job, beside the job's own options (RenderSpec)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    demo: bool = Field(False, description="render synthetic latents with the test-pattern decoder (nothing "
+                                          f"is downloaded); OUTPUT defaults to ./{DEMO_OUTPUT}")
+    demo_frames: int = Field(41, ge=1, description="latent frames of the demo")
+    address: str | None = Field(None, description="Ray cluster to join (host:port, ray://..., or 'auto'); "
+                                                  "default: RAY_ADDRESS, else a Ray already running on this "
+                                                  "machine, else a new embedded one")
+    startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a first decode worker "
+                                                            "(--device cuda on a cluster without GPUs waits "
+                                                            "this long for the autoscaler)")
 
 
-def spec_from_args(args: argparse.Namespace):
-    from jobs.spec import RenderSpec
+class Command:
+    """The parser, and how its arguments become a RenderSpec and RunOptions."""
 
-    decoder = {"name": args.decoder or ("test-pattern" if args.demo else "wan2.1"), "dtype": args.dtype,
-               "weights": args.weights, "random_weights": args.random_weights}
-    return RenderSpec(
-        latents=args.latents, output=args.output, decoder=decoder, overlap=args.overlap, context_mode=args.context_mode, workers=args.workers,
-        shard_frames=args.shard_frames, format=args.format, fps=args.fps, device=args.device,
-        encoder=args.encoder, crf=args.crf, preset=args.preset, encoder_threads=args.encoder_threads,
-        pipeline=args.pipeline, depth=args.depth, max_attempts=args.max_attempts, keep_segments=args.keep_segments,
-        price_per_gpu_hour=args.price_per_gpu_hour)
+    def __init__(self):
+        self.parser = argparse.ArgumentParser(
+            prog="python -m jobs.render", description=__doc__.split("\n\n")[0],
+            epilog="Every job option is a field of jobs.spec.RenderSpec (the notebook API's keywords).")
+        self.spec_options = add_model_options(self.parser, RenderSpec, positional=POSITIONAL)
+        self.run_options = add_model_options(self.parser, RunOptions, title="running")
+
+    def parse(self, argv: list[str] | None = None) -> tuple[dict, RunOptions]:
+        """(the spec's input, run options); exits 2 with a usage line on bad arguments."""
+        ns = self.parser.parse_args(argv)
+        try:
+            run = RunOptions(**model_input(self.run_options, ns))
+        except ValidationError as exc:
+            self.parser.error(describe_errors(exc, self.run_options))
+        values = model_input(self.spec_options, ns)
+        decoder = values.setdefault("decoder", {})
+        if run.demo:
+            if "output" not in values:
+                values["output"] = values.pop("latents", DEMO_OUTPUT)
+            decoder.setdefault("name", "test-pattern")
+        elif not (values.get("latents") and values.get("output")):
+            self.parser.error("LATENTS and OUTPUT are required (or --demo)")
+        return values, run
+
+    def spec(self, values: dict) -> RenderSpec:
+        return RenderSpec(**values)
 
 
 def demo_latents(latent_frames: int):
@@ -88,20 +81,21 @@ def demo_latents(latent_frames: int):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    command = Command()
+    values, run = command.parse(argv)
     try:
-        spec = spec_from_args(args)
+        spec = command.spec(values)
     except ValidationError as exc:
-        print(f"framefarm: bad options:\n{exc}", file=sys.stderr)
+        print(f"framefarm: bad options:\n{describe_errors(exc, command.spec_options)}", file=sys.stderr)
         return 2
     from cluster.api import connect
     from cluster.driver import RenderJob
 
-    latents = demo_latents(args.demo_frames) if args.demo else None
-    job = RenderJob(spec, latents, progress=True, startup_timeout_s=args.startup_timeout)
+    latents = demo_latents(run.demo_frames) if run.demo else None
+    job = RenderJob(spec, latents, progress=True, startup_timeout_s=run.startup_timeout)
     try:
         job.prepare()  # bad input fails here, before Ray is started or joined
-        started = connect(args.address)
+        started = connect(run.address)
         try:
             result = job.run()
         finally:
