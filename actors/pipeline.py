@@ -32,7 +32,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -57,6 +57,7 @@ class PipelineReport:
     host_busy_s: float = 0.0  # inside sink.write
     flush_s: float = 0.0  # the sink's final flush and commit, apart from the rest
     wait_for_buffer_s: float = 0.0  # decode loop blocked on a free host buffer
+    buffer_waits: int = 0  # chunks that found the ring full (backpressure from the host)
     host_idle_s: float = 0.0  # host thread waiting for a chunk
     peak_gpu_bytes: int = 0
     sink: dict = field(default_factory=dict)
@@ -145,6 +146,7 @@ def frame_converter(layout: str, device: torch.device):
 def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, mode: Mode = "async",
                  depth: int = 2, device: torch.device | str = "cpu",
                  ring: list | None = None, join_timeout_s: float = _JOIN_TIMEOUT_S,
+                 on_backpressure: Callable[[], None] | None = None,
                  ) -> tuple[PipelineReport, SinkResult]:
     """Drive `chunks` (a decoder's stream) into `sink`, dropping the first `drop` frames.
 
@@ -152,6 +154,8 @@ def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, m
     caller keeps (a worker, across shards), holds the pinned host buffers, so they are
     allocated once rather than per run (page-locking costs milliseconds per buffer).
     `join_timeout_s`: how long the end of a run waits for the host thread's last write.
+    `on_backpressure`: called from the decode loop each time it finds every host buffer taken
+    and starts to wait for one (the host is behind); it must not block.
     """
     report = PipelineReport(mode=mode)
     start = time.perf_counter()
@@ -168,11 +172,11 @@ def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, m
                 _run_sync_cuda(chunks, sink, convert, drop, depth, device, report)
             else:
                 _run_async_cuda(chunks, sink, convert, drop, depth, device, report, [] if ring is None else ring,
-                                join_timeout_s)
+                                join_timeout_s, on_backpressure)
         elif mode == "sync":
             _run_sync_cpu(chunks, sink, convert, drop, depth, report)
         else:
-            _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s)
+            _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s, on_backpressure)
         t = time.perf_counter()
         result = sink.close()
         report.flush_s = time.perf_counter() - t
@@ -344,8 +348,8 @@ class _HostWorker:
         self.check()
 
 
-def _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s):
-    free = _FreeSlots(depth)  # at most `depth` chunks wait for the host
+def _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s, on_backpressure):
+    free = _FreeSlots(depth, on_backpressure)  # at most `depth` chunks wait for the host
     host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
     ok = False
     try:
@@ -358,11 +362,11 @@ def _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s):
         host.finish(ok)
 
 
-def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring, join_timeout_s):
+def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring, join_timeout_s, on_backpressure):
     compute = torch.cuda.Stream(device)
     copy = torch.cuda.Stream(device)
     ring.extend([None] * (depth - len(ring)))  # pinned buffers, sized by the first chunk
-    free = _FreeSlots(depth)
+    free = _FreeSlots(depth, on_backpressure)
     host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
     spans, copies = [], []
     ok = False
@@ -423,27 +427,37 @@ def _quiet_sync(stream) -> None:
 class _FreeSlots:
     """The ring's free list: which host buffer the next chunk may use (backpressure)."""
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, on_backpressure: Callable[[], None] | None = None):
+        self.on_backpressure = on_backpressure
         self.slots: queue.Queue[int] = queue.Queue()
         for slot in range(depth):
             self.slots.put(slot)
 
     def acquire(self, host: _HostWorker, report: PipelineReport) -> int:
         t = time.perf_counter()
+        try:
+            slot = self.slots.get_nowait()
+        except queue.Empty:
+            slot = self._wait(host, report)
+        report.wait_for_buffer_s += time.perf_counter() - t
+        return slot
+
+    def _wait(self, host: _HostWorker, report: PipelineReport) -> int:
+        report.buffer_waits += 1
+        if self.on_backpressure is not None:
+            self.on_backpressure()
+        t = time.perf_counter()
         while True:
             host.check()
             if host.stop.is_set():
                 raise RuntimeError("frame pipeline: host worker stopped")
             try:
-                slot = self.slots.get(timeout=_POLL_S)
-                break
+                return self.slots.get(timeout=_POLL_S)
             except queue.Empty:
                 pass
             if time.perf_counter() - t > host.join_timeout_s:
                 # Every buffer is held by a write that does not return: a sink stuck in I/O.
                 host.give_up(f"the sink took no frames for {host.join_timeout_s:g} s")
-        report.wait_for_buffer_s += time.perf_counter() - t
-        return slot
 
     def release(self, slot: int):
         self.slots.put(slot)

@@ -2,7 +2,6 @@
 
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -103,26 +102,11 @@ def test_failing_decoder_aborts_the_sink(tmp_path):
     assert not _host_threads()
 
 
-class _GatedSink:
-    """Blocks its first write until the decoder has run ahead by more than the ring holds."""
-
-    def __init__(self, path):
-        self.inner = open_sink("ffv1", path, W, H, 16)
-        self.gate = threading.Event()
-
-    def write(self, frames):
-        assert self.gate.wait(timeout=30), "the gate never opened"
-        self.inner.write(frames)
-
-    def close(self):
-        return self.inner.close()
-
-    def abort(self):
-        self.inner.abort()
-
-
 class _StuckSink:
-    """Its second write blocks until released: a sink stuck in I/O. Records who did what, when."""
+    """Its first write blocks until released: a sink stuck in I/O. Records who did what, when.
+
+    The first, so that no slow write before it (a loaded machine) can be what the timeout sees.
+    """
 
     def __init__(self, path):
         self.inner = open_sink("ffv1", path, W, H, 16)
@@ -134,7 +118,7 @@ class _StuckSink:
     def write(self, frames):
         self.writes += 1
         self.events.append("write")
-        if self.writes == 2:
+        if self.writes == 1:
             assert self.release.wait(timeout=60), "never released"
         self.inner.write(frames)
         self.events.append("written")
@@ -149,8 +133,8 @@ class _StuckSink:
 
 
 @pytest.mark.parametrize("latents, message", [
-    (2, "did not stop within 0.5 s"),  # the last write sticks: the final join times out
-    (4, "took no frames for 0.5 s"),  # a write mid-run sticks: the decode loop's wait for a buffer
+    (2, "did not stop within 0.5 s"),  # both chunks fit the ring: the final join times out
+    (4, "took no frames for 0.5 s"),  # the third chunk finds the ring full: the wait for a buffer
 ])
 def test_a_stuck_sink_is_aborted_by_its_own_thread_once_its_write_returns(tmp_path, latents, message):
     from actors.pipeline import HostStuck
@@ -166,29 +150,75 @@ def test_a_stuck_sink_is_aborted_by_its_own_thread_once_its_write_returns(tmp_pa
     assert sink.aborted.wait(timeout=30)
     assert sink.events[-2:] == ["written", "abort"]
     assert os.listdir(tmp_path) == []
-    deadline = time.monotonic() + 30
-    while _host_threads() and time.monotonic() < deadline:
-        threading.Event().wait(0.05)  # polling for the thread's exit, not syncing on it
+    for thread in _host_threads():
+        thread.join(timeout=30)
     assert not _host_threads()
 
 
-def test_backpressure_names_the_host_as_bottleneck(tmp_path):
-    sink = _GatedSink(str(tmp_path / "out.mkv"))
-    depth = 2
-    latents = pattern_latents(8, H, W)
-    decoder = TestPatternDecoder()
+class _SlowerThanTheDecoderSink:
+    """A real FFV1 sink whose every write lasts until the decode loop has found the ring full.
+
+    The host is then the slower side by construction, not by a timer: write k returns only
+    once the loop, holding chunk k+2 with no free buffer, says it waits (`on_backpressure`).
+    After the decoder's last chunk nothing waits any more, and the last writes go through.
+    """
+
+    def __init__(self, path):
+        self.inner = open_sink("ffv1", path, W, H, 16)
+        self.cond = threading.Condition()
+        self.backpressure = 0  # times the decode loop found every buffer taken
+        self.held = 0  # writes that have waited for one of those
+        self.decoder_done = False
+
+    def on_backpressure(self):
+        with self.cond:
+            self.backpressure += 1
+            self.cond.notify_all()
+
+    def finish_decoding(self):
+        with self.cond:
+            self.decoder_done = True
+            self.cond.notify_all()
+
+    def write(self, frames):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.backpressure > self.held or self.decoder_done, timeout=60), \
+                "the decode loop never waited for a buffer"
+            self.held += 1
+        self.inner.write(frames)
+
+    def close(self):
+        return self.inner.close()
+
+    def abort(self):
+        self.inner.abort()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_backpressure_names_the_host_as_bottleneck(tmp_path, depth):
+    sink = _SlowerThanTheDecoderSink(str(tmp_path / "out.mkv"))
+    latents = pattern_latents(24, H, W)
+    decoded = list(TestPatternDecoder().stream(latents))  # decoding done up front: the steps cost ~nothing
+    to_uint8_frames(decoded[0])  # and so does the conversion, warm before the first step
 
     def stream():
-        for i, chunk in enumerate(decoder.stream(latents)):
-            if i == depth:
-                # The ring is full and the host is stuck: the decode loop must now wait for a
-                # buffer. Open the gate shortly after, from another thread.
-                threading.Timer(0.3, sink.gate.set).start()
-            yield chunk
+        yield from decoded
+        sink.finish_decoding()
 
-    report, result = run_pipeline(stream(), sink, mode="async", depth=depth)
-    assert result.frames == pixel_frames(8)
-    assert report.wait_for_buffer_s >= 0.2
+    # One intra-op thread: with two OpenMP threads on a busy two-core machine, the step's
+    # 0.5 ms conversion can spin for 100 ms, and the first step is one no write overlaps.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report, result = run_pipeline(stream(), sink, mode="async", depth=depth, on_backpressure=sink.on_backpressure)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.frames == report.frames == pixel_frames(24)
+    # Every chunk after the first `depth` found the ring full and waited for the host, whose
+    # writes then span the decoder's steps: only the first step and every write's own
+    # encoding fall outside that overlap, and the encoding is far the larger.
+    assert report.buffer_waits == len(decoded) - depth
+    assert report.wait_for_buffer_s > 0
     assert report.bottleneck == "host"
 
 
