@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import time
 
-import ray
-import torch
-from ray.util import metrics
+# A Ray worker imports this module to build its actor: the heavy imports below (torch,
+# diffusers, PyAV) are the "imports" phase of a worker's start-up. Set once at import.
+_IMPORTS_STARTED = time.time()
 
-from actors.assemble import SegmentAssembler
-from actors.worker import LatentSlice, ShardTask, ShardWorker
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray.util import metrics  # noqa: E402
+
+from actors.assemble import SegmentAssembler  # noqa: E402
+from actors.startup import StartupClock, process_started_at  # noqa: E402
+from actors.worker import LatentSlice, ShardTask, ShardWorker  # noqa: E402
+
+_IMPORTS_ENDED = time.time()
 
 
 class _DecodeWorker:
     def __init__(self, device: str, scratch_dir: str | None = None):
-        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir)
+        clock = StartupClock()
+        spawned = process_started_at()
+        if spawned is not None and spawned < _IMPORTS_STARTED:
+            clock.add("process", spawned, _IMPORTS_STARTED, "Ray worker process up")
+        clock.add("imports", _IMPORTS_STARTED, _IMPORTS_ENDED)
+        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock)
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -33,7 +45,7 @@ class _DecodeWorker:
 
     def describe(self) -> dict:
         return {**self.worker.info, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
-                "cuda": torch.cuda.is_available()}
+                "cuda": torch.cuda.is_available(), "startup": self.worker.startup.as_dict()}
 
     def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width, encoder)

@@ -26,6 +26,7 @@ from actors.wan_context import stream_with_context
 from infra.checksum import sha256_file
 from infra.storage import download_prefix, is_s3, open_store
 from actors.sinks import nvenc_available, open_sink, segment_suffix
+from actors.startup import StartupClock, StartupReport
 from cluster.latents import check_fits
 from cluster.plan import Shard
 from jobs.spec import DecoderSpec
@@ -138,22 +139,52 @@ def describe_device(device: torch.device) -> dict:
 
 
 class ShardWorker:
-    def __init__(self, device: str = "auto", scratch_dir: str | None = None):
-        self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
-            torch.backends.cudnn.benchmark = True
+    def __init__(self, device: str = "auto", scratch_dir: str | None = None, clock: StartupClock | None = None):
+        # `clock` holds the phases before this one (a Ray wrapper's process and imports).
+        self._clock = clock or StartupClock()
+        with self._clock.phase("device"):
+            self.device = resolve_device(device)
+            if self.device.type == "cuda":
+                # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
+                torch.backends.cudnn.benchmark = True
+                # Create the CUDA context now, where it shows as its own phase, not inside the first shard.
+                torch.empty(1, device=self.device)
+            self.info = describe_device(self.device)
         self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}
+        self._prepared: set[tuple[DecoderSpec, int, int]] = set()
         self._auto_encoder: str | None = None
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
-        self.info = describe_device(self.device)
+
+    @property
+    def startup(self) -> StartupReport:
+        """Every start-up phase so far: the process's, then each decoder's as it was prepared."""
+        return StartupReport(list(self._clock.phases))
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
-            self._decoders[spec] = build_decoder(spec, self.device)
+            with self._clock.phase("weights", spec.name):
+                self._decoders[spec] = build_decoder(spec, self.device)
         return self._decoders[spec]
+
+    def prepare(self, spec: DecoderSpec, latent_height: int, latent_width: int) -> None:
+        """Everything a first shard of this decoder and frame size would otherwise pay inside it:
+        the weights, and on a GPU the first decode steps (cuDNN's autotune), each a phase."""
+        if (spec, latent_height, latent_width) in self._prepared:
+            return
+        decoder = self.decoder(spec)
+        if self.device.type == "cuda":
+            # Two steps: a stream's first call has its own shapes, a steady call others.
+            warm = torch.zeros(decoder.z_dim, 2, latent_height, latent_width, device=self.device)
+            chunks = decoder.stream(warm)
+            with self._clock.phase("first-step", f"{latent_width}x{latent_height} latents"):
+                next(chunks)
+                torch.cuda.synchronize(self.device)
+            with self._clock.phase("warm-up", "first steady step"):
+                next(chunks)
+                torch.cuda.synchronize(self.device)
+        self._prepared.add((spec, latent_height, latent_width))
 
     def _encoder(self, requested: str) -> str:
         """Resolve "auto" once per worker, so every segment of a job uses the same encoder
@@ -172,12 +203,14 @@ class ShardWorker:
         the driver can hand every shard of the job that one encoder: workers on other kinds of
         GPU would otherwise choose differently, and the stitcher joins only identical streams.
         """
+        self.prepare(spec, latent_height, latent_width)
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
         check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"],
                    weights_bytes=decoder_weight_bytes(decoder))
-        info = {"peak_memory_bytes": peak, "height": height, "width": width}
+        info = {"peak_memory_bytes": peak, "height": height, "width": width,
+                "startup": self.startup.as_dict()}
         if encoder is not None:
             info["encoder"] = self._encoder(encoder)
         return info
@@ -187,7 +220,6 @@ class ShardWorker:
 
         Returns metadata only; the frames go to object storage.
         """
-        started = time.time()
         shard = task.shard
         shared = isinstance(latents, LatentSlice)
         if shared:
@@ -195,8 +227,10 @@ class ShardWorker:
         if latents.shape[1] != shard.decoded_latent_frames:
             raise ValueError(f"shard {shard.index}: got {latents.shape[1]} latent frames, "
                              f"expected {shard.decoded_latent_frames}")
-        decoder = self.decoder(task.decoder)
+        # A worker's first shard prepares its decoder here: start-up phases, not the shard's time.
         size = self.check_input(task.decoder, latents.shape[2], latents.shape[3])
+        started = time.time()
+        decoder = self.decoder(task.decoder)
         height, width = size["height"], size["width"]
         store = open_store(task.output_uri)
         # A local store gets the segment written in place (the sink renames it in when
@@ -242,7 +276,7 @@ class ShardWorker:
             "bytes": result.bytes, "sha256": sha256, "attempt": task.attempt,
             "started": started, "pipeline_started": pipeline_started, "pipeline_ended": pipeline_ended,
             "flush_s": report.flush_s, "ended": time.time(), "width": width, "height": height,
-            **self.info, "report": report.as_dict(),
+            **self.info, "report": report.as_dict(), "startup": size["startup"],
         }
         # The sidecar goes last: a segment without one is not committed and is redone on resume.
         store.put_bytes(sidecar_key(task.segment_key), json.dumps(meta).encode())

@@ -34,6 +34,7 @@ from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_st
 from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
+from actors.startup import StartupClock
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
 from infra.storage import open_store
 from jobs.spec import RenderSpec
@@ -102,6 +103,7 @@ class RenderJob:
         self.frames_total = 0
         self._prepared = None
         self._prepare_started: float | None = None
+        self._clock = StartupClock()  # the driver's own steps before the first shard, for the timeline
 
     def cancel(self):
         self.cancelled.set()
@@ -110,7 +112,8 @@ class RenderJob:
         """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
         if self._prepared is None:
             self._prepare_started = time.time()  # the job's wall time counts reading its input
-            self._prepared = prepare(self.spec, self._latents)
+            with self._clock.phase("read + validate input"):
+                self._prepared = prepare(self.spec, self._latents)
         return self._prepared
 
     def run(self) -> JobResult:
@@ -148,7 +151,8 @@ class RenderJob:
         todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
         encoder = spec.encoder
         if todo:
-            encoder = self._check_input(latents).get("encoder", spec.encoder)
+            with self._clock.phase("first worker ready", "waits for a worker, which loads the decoder"):
+                encoder = self._check_input(latents).get("encoder", spec.encoder)
             # A resumed job's reused segments must share the encoder of those still to come
             # (a first run on NVENC nodes, a resume on libx264 ones): the stitcher joins only
             # identical streams, so the others are redone.
@@ -293,7 +297,7 @@ class RenderJob:
         rows = manifest_rows(all_metas)
         summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall, workers=pool.size,
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
-                            plan_overhead=plan.overhead, stitch=stitch,
+                            plan_overhead=plan.overhead, stitch=stitch, job_started=t_job,
                             extra={"job_id": job_id, "latent_frames": plan.latent_frames,
                                    "context": plan.context, "context_mode": spec.context_mode,
                                    "context_compute_overhead": plan.compute_overhead,
@@ -302,7 +306,7 @@ class RenderJob:
                                    "decoded_latent_frames": sum(m["stop"] - m["context_start"]
                                                                 for m in all_metas if not m.get("reused"))})
         store.put_bytes("manifest.parquet", manifest_parquet(rows))
-        store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch))
+        store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch, self._clock.phases))
         store.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
         if not spec.keep_segments:
             # Segments exist for retries and resumes; once the video is committed they are dead

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 
+from actors.startup import Phase, StartupReport
+
 MANIFEST_COLUMNS = (
     "shard", "start", "stop", "context_start", "context", "frame_start", "frame_end", "frames", "key",
     "bytes", "sha256", "attempts", "node_id", "hostname", "gpu_ids", "device_name", "started", "ended",
@@ -44,10 +46,51 @@ def manifest_parquet(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def worker_startups(metas: list[dict]) -> dict[str, StartupReport]:
+    """Each worker's start-up as its shards reported it, by timeline track (host, GPU, pid).
+
+    A worker's later shards carry every phase its earlier ones did and more (a second
+    decoder it prepared): the one with the most phases is kept.
+    """
+    startups: dict[str, StartupReport] = {}
+    for m in metas:
+        if m.get("reused") or not m.get("startup"):
+            continue
+        report = StartupReport.from_dict(m["startup"])
+        track = _track(m)
+        if track not in startups or len(report.phases) > len(startups[track].phases):
+            startups[track] = report
+    return startups
+
+
+def startup_summary(metas: list[dict], job_started: float) -> dict:
+    """What the job waited for before decoding: time to its first frame, and per worker the
+    seconds of each start-up phase that fell inside the job (a warm worker's fall before it)."""
+    fresh = [m for m in metas if not m.get("reused")]
+    first = min((m["pipeline_started"] for m in fresh), default=None)
+    workers = {}
+    for track, report in worker_startups(fresh).items():
+        phases: dict[str, float] = {}
+        for p in report.phases:
+            inside = max(0.0, p.end - max(p.start, job_started))
+            if inside > 0:
+                phases[p.name] = round(phases.get(p.name, 0.0) + inside, 3)
+        workers[track] = {"phases_s": phases, "compile": report.compile, "compile_error": report.compile_error,
+                          "compile_cache": report.compile_cache}
+    return {
+        # From the job's start to the first shard's first decode step: reading the input,
+        # planning, every start-up phase of the first worker up.
+        "time_to_first_frame_s": first - job_started if first is not None else None,
+        "workers": workers,
+    }
+
+
 def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, workers: int, use_gpu: bool,
-              price_per_gpu_hour: float, plan_overhead: float, stitch: dict, extra: dict | None = None) -> dict:
+              price_per_gpu_hour: float, plan_overhead: float, stitch: dict, extra: dict | None = None,
+              job_started: float | None = None) -> dict:
     fresh = [m for m in metas if not m.get("reused")]
     busy = sum(m["report"]["gpu_busy_s"] for m in fresh)
+    in_shards = sum(m["report"]["gpu_span_s"] for m in fresh)
     billed = workers * wall_s if use_gpu else 0.0
     video_s = frames / fps
     last_shard_end = max((m["ended"] for m in fresh), default=None)
@@ -56,7 +99,10 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
         "realtime_factor": video_s / wall_s if wall_s > 0 else None,
         "workers": workers, "device": "gpu" if use_gpu else "cpu",
         "gpu_seconds": billed, "busy_seconds": busy,
+        # Over the whole job's wall time and every worker, start-up included: what the GPUs
+        # billed did. `gpu_utilization_in_shards` counts only the shards' decode spans.
         "gpu_utilization": busy / billed if billed > 0 else None,
+        "gpu_utilization_in_shards": busy / in_shards if use_gpu and in_shards > 0 else None,
         "price_per_gpu_hour": price_per_gpu_hour,
         "estimated_cost_usd": billed / 3600 * price_per_gpu_hour,
         "context_overhead": plan_overhead, "shards": len(metas),
@@ -65,18 +111,35 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
         "last_shard_to_video_s": (stitch["committed_at"] - last_shard_end) if last_shard_end else None,
         "video": stitch["video"], "video_bytes": stitch["bytes"],
     }
+    if job_started is not None:
+        summary["startup"] = startup_summary(metas, job_started)
+        summary["time_to_first_frame_s"] = summary["startup"]["time_to_first_frame_s"]
     summary.update(extra or {})
     return summary
 
 
-def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = None) -> bytes:
-    """One track per worker device; shards and their phases as complete ('X') events."""
+def _track(m: dict) -> str:
+    return f"{m['hostname']} gpu {','.join(m.get('gpu_ids', [])) or m['device']} (pid {m['pid']})"
+
+
+def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = None,
+                 driver_phases: list[Phase] = ()) -> bytes:
+    """One track per worker device; its start-up phases (those inside the job) on thread 0,
+    shards on 1 and their phases on 2, as complete ('X') events."""
     events = []
     tracks: dict[str, int] = {}
+    for track, report in sorted(worker_startups(metas).items(), key=lambda kv: kv[1].started or 0.0):
+        pid = tracks.setdefault(track, len(tracks) + 1)
+        for p in report.phases:
+            if p.end <= job_started:
+                continue  # a warm worker's start-up: the job did not wait for it
+            t0 = max(p.start, job_started)
+            events.append({"name": p.name, "ph": "X", "pid": pid, "tid": 0, "ts": (t0 - job_started) * 1e6,
+                           "dur": (p.end - t0) * 1e6, "args": {"detail": p.detail} if p.detail else {}})
     for m in sorted(metas, key=lambda m: m["started"]):
         if m.get("reused"):
             continue
-        track = f"{m['hostname']} gpu {','.join(m.get('gpu_ids', [])) or m['device']} (pid {m['pid']})"
+        track = _track(m)
         pid = tracks.setdefault(track, len(tracks) + 1)
 
         def span(name, t0, t1, tid, args=None):
@@ -97,6 +160,11 @@ def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = No
         span("upload", m["pipeline_ended"], m["ended"], 2)
     meta_events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
                    for name, pid in tracks.items()]
+    if driver_phases:
+        meta_events.append({"name": "process_name", "ph": "M", "pid": -1, "args": {"name": "driver"}})
+        events.extend({"name": p.name, "ph": "X", "pid": -1, "tid": 0, "ts": (p.start - job_started) * 1e6,
+                       "dur": p.seconds * 1e6, "args": {"detail": p.detail} if p.detail else {}}
+                      for p in driver_phases)
     if stitch is not None:
         meta_events.append({"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "stitcher"}})
         t = stitch["committed_at"]
