@@ -19,7 +19,6 @@ import io
 import os
 import tarfile
 import time
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
@@ -28,7 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
-from infra.storage import TMP_SUFFIX
+from infra.staged import Staged
 
 FORMATS = ("mp4", "ffv1", "png")
 _MKV_ALIASES = ("ffv1", "mkv")
@@ -127,29 +126,6 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
 # Sinks
 
 
-class _Staged:
-    """A final path and the hidden temporary name beside it that becomes it on commit.
-
-    Same directory so that os.replace is a rename within one filesystem, hence atomic.
-    """
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        directory, name = os.path.split(self.path)
-        os.makedirs(directory, exist_ok=True)
-        self.tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
-
-    def commit(self) -> int:
-        os.replace(self.tmp, self.path)
-        return os.path.getsize(self.path)
-
-    def discard(self) -> None:
-        try:
-            os.remove(self.tmp)
-        except FileNotFoundError:
-            pass
-
-
 class _BaseSink:
     """Bookkeeping shared by the sinks: state, timing, frame checks, failure latching."""
 
@@ -157,7 +133,7 @@ class _BaseSink:
     layout = "rgb24"
 
     def __init__(self, path: str, width: int, height: int):
-        self._staged = _Staged(path)
+        self._staged = Staged(path)
         self.path = self._staged.path
         self.width, self.height = width, height
         self.frames = 0

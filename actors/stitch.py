@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tarfile
 import time
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 
 from actors.sinks import _check_fmt
-from infra.storage import TMP_SUFFIX
+from infra.staged import Staged
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -125,10 +123,9 @@ class StreamingConcat:
         if fps <= 0:
             raise ValueError(f"bad fps {fps}")
         self.fps = fps
-        self.path = os.path.abspath(out_path)
-        directory, name = os.path.split(self.path)
-        os.makedirs(directory, exist_ok=True)
-        self._tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        self._staged = Staged(out_path, folder=self.fmt == "png")
+        self.path = self._staged.path
+        self._tmp = self._staged.tmp
         self.frames = 0
         self.segments = 0
         self._seconds = 0.0
@@ -173,14 +170,10 @@ class StreamingConcat:
         try:
             if self.segments == 0:
                 raise ValueError(f"{self.path}: no segments appended")
-            if self.fmt == "png":
-                size = sum(os.path.getsize(os.path.join(self._tmp, n)) for n in os.listdir(self._tmp))
-                _replace_dir(self._tmp, self.path)
-            else:
+            if self._out is not None:
                 out, self._out = self._out, None
                 out.close()
-                os.replace(self._tmp, self.path)
-                size = os.path.getsize(self.path)
+            size = self._staged.commit()
         except BaseException:
             self.abort()
             raise
@@ -198,10 +191,7 @@ class StreamingConcat:
                 out.close()
             except Exception:
                 pass  # the partial output is being deleted; its trailer doesn't matter
-        if os.path.isdir(self._tmp):
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        elif os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        self._staged.discard()
 
     def _check_open(self) -> None:
         if self._state == "failed":
@@ -360,20 +350,3 @@ def _round_half_up(x: Fraction) -> int:
     # Python's round() goes half to even; FFmpeg's rescaling goes half up. Matroska's
     # millisecond clock at 16 fps hits halves on every odd frame.
     return math.floor(x + Fraction(1, 2))
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Move a finished directory into place, replacing an older one from a previous run."""
-    if not os.path.lexists(dst):
-        os.rename(src, dst)
-        return
-    # A non-empty directory can't be renamed over, so swap: old aside, new in, old away.
-    # Between the two renames dst is missing, never partial.
-    head, name = os.path.split(dst)
-    aside = os.path.join(head, f".{name}.{uuid.uuid4().hex[:12]}.old{TMP_SUFFIX}")
-    os.rename(dst, aside)
-    os.rename(src, dst)
-    if os.path.isdir(aside) and not os.path.islink(aside):
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.remove(aside)

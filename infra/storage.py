@@ -20,21 +20,16 @@ import io
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
+from infra.staged import TMP_SUFFIX, Staged, write_file
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-
-# In-progress local writes carry this suffix; `list` hides them so a reader polling a
-# prefix never sees a half-written object.
-# Every file framefarm writes is written under a hidden name ending in this, then renamed
-# into place; listings skip such names, so a crashed writer's leftover is never a key.
-TMP_SUFFIX = ".framefarm-tmp"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
@@ -62,10 +57,6 @@ class ObjectStore(Protocol):
 
     def get_bytes(self, key: str) -> bytes: ...
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the object; shorter if the object ends sooner."""
-        ...
-
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
@@ -82,19 +73,9 @@ class ObjectStore(Protocol):
         """Where the object lives on this machine's filesystem, or None if remote."""
         ...
 
-    def join(self, *parts: str) -> str: ...
-
-    def child(self, prefix: str) -> ObjectStore:
-        """A store rooted at `prefix` inside this one."""
-        ...
-
 
 # ---------------------------------------------------------------------------------------
 # Keys
-
-
-def join_key(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
 def check_key(key: str) -> str:
@@ -124,47 +105,8 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _check_range(start: int, end: int) -> None:
-    if start < 0 or end < start:
-        raise ValueError(f"bad byte range [{start}, {end})")
-
-
 # ---------------------------------------------------------------------------------------
 # Local filesystem
-
-
-def _tmp_sibling(path: str) -> str:
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-
-
-def _open_tmp(path: str) -> tuple[str, int]:
-    # os.open with 0o666 rather than mkstemp (0o600), so the finished file gets the
-    # same umask-derived mode as any other file and other users/containers can read it.
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    while True:
-        tmp = _tmp_sibling(path)
-        try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-
-
-def _atomic_write(path: str, fill) -> None:
-    """Create a temp file next to `path`, let `fill(fileobj)` write it, fsync, rename."""
-    tmp, fd = _open_tmp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -222,7 +164,7 @@ class LocalStore:
             with open(src, "rb") as s:
                 shutil.copyfileobj(s, f, 4 * MiB)
 
-        _atomic_write(dst, fill)
+        write_file(dst, fill)
 
     def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
         src, dst = self._file(key), os.path.abspath(os.fspath(local_path))
@@ -233,24 +175,15 @@ class LocalStore:
             with open(src, "rb") as s:
                 shutil.copyfileobj(s, f, 4 * MiB)
 
-        _atomic_write(dst, fill)
+        write_file(dst, fill)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        _atomic_write(self._path(key), lambda f: f.write(data))
+        write_file(self._path(key), lambda f: f.write(data))
 
     def get_bytes(self, key: str) -> bytes:
         try:
             with open(self._file(key), "rb") as f:
                 return f.read()
-        except (FileNotFoundError, IsADirectoryError):
-            raise self._missing(key) from None
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        _check_range(start, end)
-        try:
-            with open(self._file(key), "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
         except (FileNotFoundError, IsADirectoryError):
             raise self._missing(key) from None
 
@@ -302,13 +235,6 @@ class LocalStore:
 
     def local_path(self, key: str) -> str | None:
         return self._path(key)
-
-    def join(self, *parts: str) -> str:
-        return join_key(*parts)
-
-    def child(self, prefix: str) -> LocalStore:
-        return LocalStore(self._path(prefix.strip("/")))
-
 
 # ---------------------------------------------------------------------------------------
 # S3
@@ -439,14 +365,12 @@ class S3Store:
         log.debug("uploaded %s to %s", src, self.uri_for(key))
 
     def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
-        dst = os.path.abspath(os.fspath(local_path))
-        tmp, fd = _open_tmp(dst)
-        os.close(fd)
+        staged = Staged(local_path)
         try:
-            self._client.download_file(self.bucket, self._key(key), tmp, Config=self._transfer)
-            os.replace(tmp, dst)
+            self._client.download_file(self.bucket, self._key(key), staged.tmp, Config=self._transfer)
+            staged.commit()
         except BaseException as e:
-            _unlink_quietly(tmp)
+            staged.discard()
             err = self._missing_or(key, e)
             if err is not e:
                 raise err from e
@@ -469,25 +393,6 @@ class S3Store:
                 raise err from e
             raise
         return buf.getvalue()
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        _check_range(start, end)
-        if start == end:
-            if not self.exists(key):
-                raise self._missing(key)
-            return b""
-        try:
-            response = self._client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
-            )
-        except Exception as e:
-            if _error_code(e) == "InvalidRange":
-                return b""  # starts at or past the end: the object exists, nothing to read
-            err = self._missing_or(key, e)
-            if err is not e:
-                raise err from e
-            raise
-        return response["Body"].read()
 
     def _missing_or(self, key: str, exc: BaseException) -> BaseException:
         """The error to raise for a failed read of `key`: FileNotFoundError when the key is
@@ -550,23 +455,6 @@ class S3Store:
     def local_path(self, key: str) -> str | None:
         check_key(key)
         return None
-
-    def join(self, *parts: str) -> str:
-        return join_key(*parts)
-
-    def child(self, prefix: str) -> S3Store:
-        child = object.__new__(S3Store)
-        child.__dict__.update(self.__dict__)
-        child.prefix = self._key(prefix.strip("/"))
-        return child
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
 
 # ---------------------------------------------------------------------------------------
 # URIs
@@ -634,12 +522,6 @@ def read_uri_bytes(uri: str | os.PathLike[str]) -> bytes:
     return store.get_bytes(key)
 
 
-def download_uri(uri: str | os.PathLike[str], local_path: str | os.PathLike[str]) -> None:
-    """Copy the object at a full URI to `local_path` (atomically)."""
-    store, key = _open_object(uri)
-    store.get_file(key, local_path)
-
-
 def download_prefix(uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]) -> list[str]:
     """Copy every object under a folder or S3 prefix into `local_dir`, keeping relative
     paths. Returns the local paths written. An empty source is a FileNotFoundError: a
@@ -666,9 +548,7 @@ __all__ = [
     "open_store",
     "split_uri",
     "is_s3",
-    "join_key",
     "check_key",
     "read_uri_bytes",
-    "download_uri",
     "download_prefix",
 ]
