@@ -15,7 +15,6 @@ the experiment, and it comes out at 38 for the real Wan VAEs.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -32,9 +31,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     unpatchify,
 )
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, decoder_vae, read_wan_vae  # noqa: F401
+
 CACHE_FRAMES = 2  # diffusers' CACHE_T: every cached conv keeps its last 2 input frames
 _ACTIVATION_UNITS = 8  # live tensors around the peak conv, in units of its input (measured 7.5)
 
@@ -422,37 +420,7 @@ def load_wan_decoder(path: str | os.PathLike, device: str | torch.device = "cpu"
     """Load a diffusers-format VAE folder (config.json + safetensors weights); never pickles.
 
     The variant (Wan 2.1 or 2.2 TI2V) comes from config.json's fields (z_dim, patch_size).
+    The decoder's weights go straight onto the device, checked (actors/wan_weights.py).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Wan VAE folder not found: {path}")
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in Wan VAE folder {path}")
-    if not (os.path.isfile(os.path.join(path, WEIGHTS_NAME))
-            or os.path.isfile(os.path.join(path, WEIGHTS_INDEX_NAME))):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in Wan VAE folder {path} (pickled .bin weights are refused)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-    cls = config.get("_class_name", "AutoencoderKLWan")
-    if cls != "AutoencoderKLWan":
-        raise ValueError(f"{config_path} describes a {cls}, not an AutoencoderKLWan")
-    for key in ("z_dim", "latents_mean", "latents_std"):
-        if key not in config:
-            raise ValueError(f"{config_path} lacks {key!r}")
-    # diffusers only warns about weights the file lacks and leaves them random: a partial
-    # or mismatched checkpoint would decode noise without a word. Refuse it.
-    vae, info = AutoencoderKLWan.from_pretrained(path, use_safetensors=True, torch_dtype=dtype,
-                                                 low_cpu_mem_usage=False, output_loading_info=True)
-    needed = ("decoder.", "post_quant_conv.")  # the encoder may be absent: nothing here encodes
-    missing = [k for k in info.get("missing_keys", []) if k.startswith(needed)]
-    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])]
-    if missing or mismatched:
-        bad = missing or mismatched
-        raise ValueError(f"Wan VAE folder {path}: its weights do not match its config.json: "
-                         f"{len(missing)} decoder weights missing, {len(mismatched)} of the wrong shape "
-                         f"(e.g. {', '.join(bad[:3])})")
-    return WanDecoder(vae, device=device, dtype=dtype)
+    config, weights = read_wan_vae(path, device=device, dtype=dtype)
+    return WanDecoder(decoder_vae(config, weights), device=device, dtype=dtype)
