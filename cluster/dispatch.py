@@ -115,11 +115,18 @@ class WorkerPool:
         self.forget(actor)
         self.spawn(1)
 
-    def shutdown(self):
-        for actor in self.actors + list(self._pending.values()):
+    def shutdown(self, wait_s: float = 0.0):
+        """Kill every worker; with `wait_s`, also wait (that long at most) until they are dead,
+        so that nothing they were writing is still being written when this returns."""
+        actors = self.actors + list(self._pending.values())
+        for actor in actors:
             ray.kill(actor)
         self.actors.clear()
         self._pending.clear()
+        if wait_s > 0 and actors:
+            # A call to a killed actor fails once Ray has seen its process end.
+            probes = [actor.describe.remote() for actor in actors]
+            ray.wait(probes, num_returns=len(probes), timeout=wait_s)
 
 
 def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int):

@@ -104,6 +104,10 @@ class RenderJob:
         self._prepared = None
         self._prepare_started: float | None = None
         self._clock = StartupClock()  # the driver's own steps before the first shard, for the timeline
+        self._segments_folder: str | None = None
+        self.job_id: str | None = None  # the fingerprint, once prepared
+        self.segments_committed = 0  # this job's segments in the output, reused ones included
+        self.segments_total = 0
 
     def cancel(self):
         self.cancelled.set()
@@ -114,6 +118,7 @@ class RenderJob:
             self._prepare_started = time.time()  # the job's wall time counts reading its input
             with self._clock.phase("read + validate input"):
                 self._prepared = prepare(self.spec, self._latents)
+            self.job_id = self._prepared[3]
         return self._prepared
 
     def run(self) -> JobResult:
@@ -124,19 +129,35 @@ class RenderJob:
         if own_pool:
             use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
             self.pool = WorkerPool(workers, use_gpu)
+        ok = False
         try:
             plan = plan_shards(latents.shape[1], self.pool.size, context, self.spec.shard_frames, context_cost)
-            return self._run(plan, latents, fingerprint, t_job)
+            result = self._run(plan, latents, fingerprint, t_job)
+            ok = True
+            return result
         finally:
             if own_pool:
-                self.pool.shutdown()
+                # Interrupted or failed: workers killed mid-shard leave partial files, removed
+                # once the workers are dead (a Farm's, replaced, are swept by the next run).
+                self.pool.shutdown(wait_s=0 if ok else 30)
                 self.pool = None
+                if not ok and self._segments_folder:
+                    _discard_partial(self.spec.output, self._segments_folder)
+                    # What a rerun will find: workers may have committed segments whose
+                    # results this driver never received.
+                    self.segments_committed = sum(
+                        1 for key in open_store(self.spec.output).list(self._segments_folder + "/")
+                        if key.endswith(".json"))
 
     def _run(self, plan: ShardPlan, latents: torch.Tensor, job_id: str, t_job: float) -> JobResult:
         """Steps 3-5 of the module's list, on a started pool."""
         spec, pool = self.spec, self.pool
         store = open_store(spec.output)
         self.frames_total = plan.frame_count
+        self.segments_total = len(plan.shards)
+        self._segments_folder = segment_key(job_id, plan.shards[0], spec.format).rpartition("/")[0]
+        # Partial files of an earlier run of this job that was killed (its workers with it).
+        _discard_partial(spec.output, self._segments_folder)
         log.info("job %s: %d latent frames -> %d frames in %d shards on %d %s workers, context %d "
                  "(%.1f%% more latents, %.1f%% more decode work)", job_id, plan.latent_frames, plan.frame_count,
                  len(plan.shards), pool.size, "GPU" if pool.use_gpu else "CPU", plan.context,
@@ -146,6 +167,7 @@ class RenderJob:
             reused = self._committed(store, segment_key(job_id, shard, spec.format), job_id)
             if reused is not None:
                 metas[shard.index] = reused
+        self.segments_committed = len(metas)
         if metas:
             log.info("job %s: reusing %d committed segments", job_id, len(metas))
         todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
@@ -162,6 +184,7 @@ class RenderJob:
                 log.info("job %s: redoing %d segments encoded with another encoder", job_id, len(stale))
                 for i in stale:
                     del metas[i]
+                self.segments_committed = len(metas)
                 todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
 
         stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
@@ -269,6 +292,7 @@ class RenderJob:
                         todo.appendleft((shard, attempt + 1))
                         continue
                     metas[shard.index] = meta
+                    self.segments_committed += 1
                     slices.pop(shard.index, None)  # committed: its latents can leave the object store
                     stitch_refs.append(stitcher.add.remote(meta))
                     bar.update(meta["frames"])
@@ -314,6 +338,8 @@ class RenderJob:
             for m in all_metas:
                 store.delete(sidecar_key(m["key"]))
                 store.delete(m["key"])
+                self.segments_committed -= 1
+            store.discard_partial(self._segments_folder)
         log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,
                  spec.output.rstrip("/") + "/" + stitch["video"], plan.frame_count, plan.frame_count / spec.fps,
                  wall)
@@ -333,6 +359,12 @@ class RenderJob:
             return None
         meta["reused"] = True
         return meta
+
+
+def _discard_partial(output: str, folder: str) -> None:
+    removed = open_store(output).discard_partial(folder)
+    if removed:
+        log.info("removed %d partial files that stopped workers left in %s", removed, folder)
 
 
 def _transient(cause: BaseException | None) -> bool:

@@ -69,6 +69,11 @@ class ObjectStore(Protocol):
         """Remove the object; removing one that is not there is not an error."""
         ...
 
+    def discard_partial(self, folder: str) -> int:
+        """Remove what writers killed mid-write left in `folder` (a key prefix ending in a
+        folder name); returns how many. Call it only when no writer of that folder is alive."""
+        ...
+
     def local_path(self, key: str) -> str | None:
         """Where the object lives on this machine's filesystem, or None if remote."""
         ...
@@ -224,14 +229,35 @@ class LocalStore:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        # Folders exist only to hold keys, as in S3: drop the ones this left empty.
-        parent = os.path.dirname(path)
-        while parent != self.root and parent.startswith(self.root + os.sep):
+        self._drop_empty_folders(os.path.dirname(path))
+
+    def discard_partial(self, folder: str) -> int:
+        top = os.path.join(self.root, *check_key(folder.strip("/")).split("/"))
+        removed = 0
+        for dirpath, dirs, files in os.walk(top):
+            for name in [d for d in dirs if d.endswith(TMP_SUFFIX)]:
+                shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+                dirs.remove(name)
+                removed += 1
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
+        if removed:
+            self._drop_empty_folders(top)
+        return removed
+
+    def _drop_empty_folders(self, folder: str) -> None:
+        """Folders exist only to hold keys, as in S3: drop `folder` and its parents while empty."""
+        while folder != self.root and folder.startswith(self.root + os.sep):
             try:
-                os.rmdir(parent)
+                os.rmdir(folder)
             except OSError:  # not empty (or already gone): stop here
                 break
-            parent = os.path.dirname(parent)
+            folder = os.path.dirname(folder)
 
     def local_path(self, key: str) -> str | None:
         return self._path(key)
@@ -451,6 +477,12 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def discard_partial(self, folder: str) -> int:
+        # Nothing to do: an S3 object exists only once its upload completes. Parts of a
+        # multipart upload cut short are not objects; the bucket's lifecycle rule aborts them.
+        check_key(folder.strip("/"))
+        return 0
 
     def local_path(self, key: str) -> str | None:
         check_key(key)

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -78,6 +79,20 @@ def demo_latents(latent_frames: int):
     return pattern_latents(latent_frames, height=240, width=320)
 
 
+def _interrupt_once(signum, frame):
+    """Ctrl-C: the first one ends the job; later ones are ignored, so that stopping the workers
+    and removing their partial files runs to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _kept(job, where: str) -> str:
+    if not job.segments_committed:
+        return "no segments were committed; nothing to resume"
+    return (f"{job.segments_committed} of {job.segments_total} segments are kept in {where}/segments/"
+            f"{job.job_id}/; the same command resumes from them")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     latents = demo_latents(run.demo_frames) if run.demo else None
     job = RenderJob(spec, latents, progress=True, startup_timeout_s=run.startup_timeout)
+    where = (os.path.abspath(spec.output) if "://" not in spec.output else spec.output).rstrip("/")
+    previous = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         job.prepare()  # bad input fails here, before Ray is started or joined
         started = connect(run.address)
@@ -103,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 import ray
 
                 ray.shutdown()
+    except KeyboardInterrupt:
+        print(f"framefarm: interrupted; {_kept(job, where)}", file=sys.stderr)
+        return 130
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"framefarm: error: {exc}", file=sys.stderr)
         return 2
@@ -110,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("framefarm").debug("job failed", exc_info=True)
         print(f"framefarm: job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     s = result.summary
     print(json.dumps({k: s[k] for k in ("frames", "video_seconds", "wall_seconds", "realtime_factor",
                                         "gpu_utilization", "estimated_cost_usd", "shards")}, indent=2))
-    where = os.path.abspath(spec.output) if "://" not in spec.output else spec.output
-    print(f"framefarm: wrote {where.rstrip('/')}/{s['video']} ({s['frames']} frames, "
+    print(f"framefarm: wrote {where}/{s['video']} ({s['frames']} frames, "
           f"{s['video_seconds']:.1f} s at {spec.fps} fps) with manifest.parquet, summary.json, timeline.json")
     return 0
 
