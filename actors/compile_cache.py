@@ -17,12 +17,12 @@ ends, and CPU tests exercise the path the GPU takes.
 
 Inductor checks its own entries (graph, inputs, torch build, device); the key here only
 chooses which object to fetch, so a stale object costs a compile, never a wrong frame:
-  torch / CUDA / Triton versions, the device's name and architecture (sm_90, or the CPU's
+  torch / CUDA / Triton / Python versions, the device's name and architecture (sm_90, or the CPU's
   vector ISA), latent frame size, dtype, the decoder's variant, config, options and code.
 
 Trust: inductor's entries are pickles and its libraries native code. A compile cache is
-code, like the worker's own: keep it where only framefarm's workers write (the default is a
-prefix of the job's own bucket, or the user's cache folder), never at a location others can
+code, like the worker's own: keep it where only framefarm's workers write (the default is
+under the job's own S3 prefix, or the user's cache folder), never at a location others can
 write.
 
 The key and the location are pure functions; `CompileCache` does the I/O.
@@ -60,13 +60,16 @@ _MISS, _HIT = "fxgraph_cache_miss", "fxgraph_cache_hit"
 def default_cache_uri(output_uri: str, user_cache_dir: str) -> str:
     """Where a job's workers keep compiled code when the job does not say.
 
-    S3 outputs: a prefix of the same bucket, beside (not under) the job's output, so that
-    every job writing to that bucket shares it. Local outputs: the user's cache folder
-    (workers of a local cluster share the machine).
+    S3 outputs: `framefarm-cache/compile` under the first component of the output's key
+    (s3://BUCKET/PREFIX/renders/clip -> s3://BUCKET/PREFIX/framefarm-cache/compile), shared by
+    every job under that prefix. Not the bucket's root: the workers' IAM policy
+    (infra/iam.py) grants one prefix only, the one a deployment's outputs live under.
+    Local outputs: the user's cache folder (workers of a local cluster share the machine).
     """
     if is_s3(output_uri):
-        _, bucket, _ = split_uri(output_uri)
-        return f"s3://{bucket}/{DEFAULT_S3_PREFIX}"
+        _, bucket, key = split_uri(output_uri)
+        top = key.strip("/").split("/")[0]
+        return f"s3://{bucket}/{top + '/' if top else ''}{DEFAULT_S3_PREFIX}"
     return os.path.join(user_cache_dir, "framefarm", "compile")
 
 

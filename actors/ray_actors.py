@@ -47,8 +47,9 @@ class _DecodeWorker:
         return {**self.worker.info, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
                 "cuda": torch.cuda.is_available(), "startup": self.worker.startup.as_dict()}
 
-    def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None) -> dict:
-        return self.worker.check_input(spec, latent_height, latent_width, encoder)
+    def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
+                    compile_cache: str | None = None) -> dict:
+        return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> dict:
         t = time.perf_counter()

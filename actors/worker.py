@@ -7,7 +7,9 @@ are cached per spec so a model is loaded once and reused across shards and jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -26,12 +28,15 @@ from actors.wan_context import stream_with_context
 from infra.checksum import sha256_file
 from infra.storage import download_prefix, is_s3, open_store
 from actors.sinks import nvenc_available, open_sink, segment_suffix
-from actors.startup import StartupClock, StartupReport
+from actors.compile_cache import (CompileCache, cache_facts, compile_cache_key, compiles, decoder_facts,
+                                  inductor_counts, runtime_facts)
+from actors.startup import COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, StartupClock, StartupReport
 from cluster.latents import check_fits
 from cluster.plan import Shard
 from jobs.spec import DecoderSpec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+log = logging.getLogger("framefarm")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class ShardTask:
     context_mode: str = "pruned"
     depth: int = 2
     attempt: int = 1
+    compile_cache: str | None = None  # where compiled decoder code is kept (a store URI); None: nowhere
 
 
 @dataclass(frozen=True)
@@ -101,20 +107,39 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def build_decoder(spec: DecoderSpec, device: torch.device) -> Decoder:
-    """The one place that maps a decoder spec to a decoder on a device."""
+def build_decoder(spec: DecoderSpec, device: torch.device, options=None) -> Decoder:
+    """The one place that maps a decoder spec to a decoder on a device.
+
+    `options`: the Wan decoder's options; None lets the decoder choose by device.
+    """
     dtype = _DTYPES[spec.dtype]
     if spec.name == "test-pattern":
         return TestPatternDecoder(device=device, dtype=dtype)
+    kw = {} if options is None else {"options": options}
     if spec.random_weights:
         config = wan.ti2v_config() if spec.name == "wan2.2-ti2v" else None
-        return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed)
+        return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed, **kw)
     if is_s3(spec.weights):
         # The weights are read into memory; the downloaded copy need not outlive the load.
         with tempfile.TemporaryDirectory(prefix="framefarm-weights-") as local:
             download_prefix(spec.weights, local)
-            return wan.load_wan_decoder(local, device=device, dtype=dtype)
-    return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype)
+            return wan.load_wan_decoder(local, device=device, dtype=dtype, **kw)
+    return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype, **kw)
+
+
+def eager_options(options):
+    """The same decoder options without compiling (nor CUDA graphs, which capture compiled code)."""
+    changes = {f.name: False for f in dataclasses.fields(options) if f.name in ("compile", "cuda_graphs")}
+    return dataclasses.replace(options, **changes)
+
+
+def warm_up_steps(decoder) -> int:
+    """Decode steps until every compiled graph is built and every CUDA graph captured: the
+    stream's first (its own shapes), the eager steady steps before a capture, the capture."""
+    options = getattr(decoder, "options", None)
+    if getattr(options, "cuda_graphs", False):
+        return 2 + int(getattr(options, "graph_warmup", 1))
+    return 2
 
 
 def decoder_weight_bytes(decoder: Decoder) -> int:
@@ -154,13 +179,14 @@ class ShardWorker:
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}
         self._prepared: set[tuple[DecoderSpec, int, int]] = set()
+        self._compile = StartupReport()  # what the last prepared decoder did about compiled code
         self._auto_encoder: str | None = None
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
 
     @property
     def startup(self) -> StartupReport:
         """Every start-up phase so far: the process's, then each decoder's as it was prepared."""
-        return StartupReport(list(self._clock.phases))
+        return dataclasses.replace(self._compile, phases=list(self._clock.phases))
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
@@ -168,23 +194,74 @@ class ShardWorker:
                 self._decoders[spec] = build_decoder(spec, self.device)
         return self._decoders[spec]
 
-    def prepare(self, spec: DecoderSpec, latent_height: int, latent_width: int) -> None:
-        """Everything a first shard of this decoder and frame size would otherwise pay inside it:
-        the weights, and on a GPU the first decode steps (cuDNN's autotune), each a phase."""
+    def prepare(self, spec: DecoderSpec, latent_height: int, latent_width: int,
+                compile_cache: str | None = None) -> None:
+        """Everything a first shard of this decoder and frame size would otherwise pay inside it,
+        each a start-up phase: the weights; for a compiling decoder, its compiled code from
+        `compile_cache` (a store URI; None: none) or a compile, saved there for the next worker;
+        on a GPU, or when compiling, the first decode steps (cuDNN's autotune, compiling, CUDA
+        graph capture). A decoder whose compile raises is rebuilt without compiling."""
         if (spec, latent_height, latent_width) in self._prepared:
             return
         decoder = self.decoder(spec)
-        if self.device.type == "cuda":
-            # Two steps: a stream's first call has its own shapes, a steady call others.
-            warm = torch.zeros(decoder.z_dim, 2, latent_height, latent_width, device=self.device)
-            chunks = decoder.stream(warm)
-            with self._clock.phase("first-step", f"{latent_width}x{latent_height} latents"):
-                next(chunks)
-                torch.cuda.synchronize(self.device)
-            with self._clock.phase("warm-up", "first steady step"):
-                next(chunks)
-                torch.cuda.synchronize(self.device)
+        report = StartupReport()
+        cache = None
+        if compiles(decoder) and compile_cache:
+            key = compile_cache_key(cache_facts(runtime_facts(self.device), decoder_facts(decoder),
+                                                latent_height, latent_width, spec.dtype))
+            # One inductor folder per worker process, set before anything here compiles.
+            cache = CompileCache(compile_cache, key, os.path.join(self.scratch_dir, "inductor"))
+            cache.activate()
+            report.compile_cache = cache.uri
+            try:
+                with self._clock.phase("compile-cache-load", key):
+                    cache.load()
+            except Exception as exc:  # noqa: BLE001 - an unreadable cache costs a compile, not the job
+                log.warning("compile cache %s unusable (%s: %s); compiling", cache.uri, type(exc).__name__, exc)
+        if self.device.type == "cuda" or compiles(decoder):
+            misses, hits = inductor_counts()
+            try:
+                self._warm_up(decoder, latent_height, latent_width)
+            except Exception as exc:  # noqa: BLE001 - any compile failure; eager shows a real fault again
+                if not compiles(decoder):
+                    raise
+                report.compile, report.compile_error = COMPILE_FAILED, f"{type(exc).__name__}: {exc}"[:2000]
+                log.warning("compiling the decoder failed on %s (%s); decoding without compiling",
+                            self.info["device_name"], report.compile_error)
+                with self._clock.phase("weights", f"{spec.name}, not compiled"):
+                    decoder = self._decoders[spec] = build_decoder(spec, self.device, eager_options(decoder.options))
+                self._warm_up(decoder, latent_height, latent_width)
+            else:
+                if compiles(decoder):
+                    misses, hits = (a - b for a, b in zip(inductor_counts(), (misses, hits)))
+                    report.compile = COMPILE_MISS if misses else COMPILE_HIT
+                    if misses and cache is not None:
+                        try:
+                            with self._clock.phase("compile-cache-save", cache.key):
+                                cache.save()
+                        except Exception as exc:  # noqa: BLE001 - the next worker compiles again, that is all
+                            log.warning("could not save the compile cache to %s (%s: %s)", cache.uri,
+                                        type(exc).__name__, exc)
+        self._compile = report
         self._prepared.add((spec, latent_height, latent_width))
+
+    def _warm_up(self, decoder: Decoder, latent_height: int, latent_width: int) -> None:
+        """Decode zeros at this frame size until the decoder runs as it will in every shard."""
+        steps = warm_up_steps(decoder)
+        warm = torch.zeros(decoder.z_dim, steps, latent_height, latent_width, device=self.device)
+        chunks = decoder.stream(warm)
+        size = f"{latent_width}x{latent_height} latents"
+        with self._clock.phase("first-step", size):
+            next(chunks)
+            self._sync()
+        with self._clock.phase("compile" if compiles(decoder) else "warm-up", f"{steps - 1} steady steps, {size}"):
+            for _ in chunks:
+                pass
+            self._sync()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _encoder(self, requested: str) -> str:
         """Resolve "auto" once per worker, so every segment of a job uses the same encoder
@@ -196,14 +273,14 @@ class ShardWorker:
         return self._auto_encoder
 
     def check_input(self, spec: DecoderSpec, latent_height: int, latent_width: int,
-                    encoder: str | None = None) -> dict:
+                    encoder: str | None = None, compile_cache: str | None = None) -> dict:
         """Refuse a frame size this device cannot decode, before any decode work or output.
 
         With `encoder` (an mp4 job's request), also says which encoder "auto" is here, so that
         the driver can hand every shard of the job that one encoder: workers on other kinds of
         GPU would otherwise choose differently, and the stitcher joins only identical streams.
         """
-        self.prepare(spec, latent_height, latent_width)
+        self.prepare(spec, latent_height, latent_width, compile_cache)
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
@@ -228,7 +305,8 @@ class ShardWorker:
             raise ValueError(f"shard {shard.index}: got {latents.shape[1]} latent frames, "
                              f"expected {shard.decoded_latent_frames}")
         # A worker's first shard prepares its decoder here: start-up phases, not the shard's time.
-        size = self.check_input(task.decoder, latents.shape[2], latents.shape[3])
+        size = self.check_input(task.decoder, latents.shape[2], latents.shape[3],
+                                compile_cache=task.compile_cache)
         started = time.time()
         decoder = self.decoder(task.decoder)
         height, width = size["height"], size["width"]

@@ -34,6 +34,7 @@ from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_st
 from cluster.geometry import decoder_geometry
 from cluster.latents import InputError, read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
+from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.startup import StartupClock
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
 from infra.storage import open_store
@@ -104,6 +105,8 @@ class RenderJob:
         self._prepared = None
         self._prepare_started: float | None = None
         self._clock = StartupClock()  # the driver's own steps before the first shard, for the timeline
+        # Resolved here, where the job's output is known: workers of every node read the same one.
+        self.compile_cache = resolve_cache_uri(spec.compile_cache, spec.output, user_cache_dir(dict(os.environ)))
         self._segments_folder: str | None = None
         self.job_id: str | None = None  # the fingerprint, once prepared
         self.segments_committed = 0  # this job's segments in the output, reused ones included
@@ -217,7 +220,8 @@ class RenderJob:
             actor = pool.actors[0]
             try:
                 return ray.get(actor.check_input.remote(spec.decoder, latents.shape[2], latents.shape[3],
-                                                        spec.encoder if spec.format == "mp4" else None))
+                                                        spec.encoder if spec.format == "mp4" else None,
+                                                        self.compile_cache))
             except RayTaskError as exc:
                 raise _unwrap(exc) from None
             except RayActorError as exc:
@@ -256,7 +260,8 @@ class RenderJob:
                         segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,
                         format=spec.format, fps=spec.fps, encoder=encoder, crf=spec.crf,
                         preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
-                        context_mode=spec.context_mode, depth=spec.depth, attempt=attempt)
+                        context_mode=spec.context_mode, depth=spec.depth, attempt=attempt,
+                        compile_cache=self.compile_cache)
                     inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
                     busy.add(actor)
                     self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,

@@ -73,6 +73,10 @@ class RenderSpec(BaseModel):
     max_attempts: int = Field(3, ge=1, description="tries per shard before the job fails")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
     price_per_gpu_hour: float = Field(3.36, ge=0, description="for the cost estimate (G7e on demand)")
+    compile_cache: str | None = Field(
+        None, description="where workers keep compiled decoder code: s3://... or a folder; default "
+        "s3://BUCKET/PREFIX/framefarm-cache/compile for outputs under s3://BUCKET/PREFIX/..., "
+        "~/.cache/framefarm/compile for local ones; 'off': every worker compiles")
 
     @field_validator("overlap", mode="before")
     @classmethod

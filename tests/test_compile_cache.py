@@ -52,9 +52,11 @@ def test_key_is_stable_readable_and_changes_with_every_fact():
 
 
 def test_default_location_follows_the_jobs_store():
-    assert default_cache_uri("s3://bucket/jobs/a/b", "/home/u/.cache") == "s3://bucket/framefarm-cache/compile"
+    # Under the output's first prefix component: what the workers' IAM policy grants.
+    assert default_cache_uri("s3://bucket/team/renders/a", "/c") == "s3://bucket/team/framefarm-cache/compile"
+    assert default_cache_uri("s3://bucket/", "/c") == "s3://bucket/framefarm-cache/compile"
     assert default_cache_uri("/data/out", "/home/u/.cache") == "/home/u/.cache/framefarm/compile"
-    assert resolve_cache_uri(None, "s3://b/x", "/c") == "s3://b/framefarm-cache/compile"
+    assert resolve_cache_uri(None, "s3://b/x/y", "/c") == "s3://b/x/framefarm-cache/compile"
     assert resolve_cache_uri("s3://other/cc", "s3://b/x", "/c") == "s3://other/cc"
     assert resolve_cache_uri("off", "s3://b/x", "/c") is None
     with pytest.raises(ValueError):
