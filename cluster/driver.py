@@ -37,7 +37,7 @@ from cluster.plan import ShardPlan, plan_shards
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.startup import StartupClock
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
-from infra.storage import open_store
+from infra.storage import check_access, open_store
 from jobs.spec import RenderSpec
 
 log = logging.getLogger("framefarm")
@@ -75,6 +75,12 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torc
     """Step 1, no Ray: validated CTHW latents, the left context shards need, what that context
     costs to decode (latent frames' worth; None when decoded in full), the job fingerprint."""
     open_store(spec.output)  # a bad output URI fails here, not after the decode
+    # Credentials and permissions too: without them the job would fail only once the workers
+    # had started and decoded (or, for weights, loaded) something.
+    check_access(spec.output, write=True)
+    for uri in (spec.latents if latents is None else None, spec.decoder.weights):
+        if uri:
+            check_access(uri)
     geometry = decoder_geometry(spec.decoder)
     if latents is None:
         if not spec.latents:

@@ -584,3 +584,42 @@ __all__ = [
     "read_uri_bytes",
     "download_prefix",
 ]
+
+
+# ---------------------------------------------------------------------------------------
+# Access, checked before any work
+
+
+class AccessError(ValueError):
+    """A URI this machine cannot use: no credentials for S3, or a folder it may not write."""
+
+
+CREDENTIALS_HINT = ("give credentials with AWS_PROFILE=NAME (a profile in ~/.aws/config), "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an instance role (EC2 instance "
+                    "profile; on a Ray cluster, the head's and the workers' roles)")
+
+
+def check_access(uri: str | os.PathLike[str], *, write: bool = False) -> None:
+    """Refuse, before any work, a URI that would fail only once workers use it.
+
+    S3: boto3's credential chain must find credentials (env, profile, SSO, instance role);
+    whether the bucket exists and allows this is another question, answered by S3 itself.
+    Local, for writing: the nearest folder that exists on the way to `uri` must be writable,
+    so that the output (or its missing parents) can be created there.
+    """
+    scheme, _, path = split_uri(uri)
+    if scheme == "s3":
+        import boto3
+
+        if boto3.session.Session().get_credentials() is None:
+            raise AccessError(f"{uri}: no AWS credentials found on this machine; {CREDENTIALS_HINT}")
+        return
+    if not write:
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        what = "output folder" if existing == path else f"folder {existing}, where the output would be made,"
+        raise AccessError(f"{uri}: the {what} is not writable by this user (uid {os.geteuid()}); "
+                          "choose another output or change the folder's permissions")
