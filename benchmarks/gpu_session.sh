@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU session for issue 9's measurements, in order, within about 9 minutes on an H200:
+#   1. the GPU tests          -> $OUT/pytest.log, $OUT/pytest.xml
+#   2. the decoder at 720p    -> $OUT/bench_decoder.json, .log
+#   3. product vs old path    -> $OUT/bench_product.json, .log
+#   4. cold worker start-up   -> $OUT/bench_coldstart.json, .log
+# plus $OUT/session.txt (each step's exit status and seconds, the card, versions) and
+# $OUT/nvidia-smi.csv (utilization and memory every 0.5 s over the whole session).
+#
+# Run from the repository root after the device bundle is unpacked (../shared/device/README.md):
+#   mkdir -p /tmp/site && tar -xJf .device-bundle/site.tar.xz -C /tmp/site && export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 || exit; bash benchmarks/gpu_session.sh
+# A step that fails or runs past its limit is recorded and the next one still runs.
+set -u
+OUT=${OUT:-$PWD/gpu-session-out}
+mkdir -p "$OUT"
+export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/ray-gpu-session}
+mkdir -p "$RAY_TMPDIR"
+STATUS="$OUT/session.txt"
+: > "$STATUS"
+
+{
+  date -u +"start %Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+  echo "cpus $(nproc)"
+} >> "$STATUS"
+
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$OUT/nvidia-smi.csv" 2>/dev/null &
+SMI_PID=$!
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*" | tee -a "$STATUS"
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$STATUS"
+  tail -n 25 "$OUT/$name.log"
+}
+
+step pytest 120 python -m pytest -q --junitxml="$OUT/pytest.xml" tests/test_gpu.py $(ls tests/test_wan*.py)
+step bench_decoder 140 python -m benchmarks.bench_decoder --sizes 1280x720 --frames 10 \
+  --time-budget-s 120 --out "$OUT/bench_decoder.json"
+step bench_product 150 python -m benchmarks.bench_product --size 1280x720 --latent-frames 81 --dtype bf16 \
+  --device cuda --runs 2 --out "$OUT/bench_product.json"
+step bench_coldstart 150 python -m benchmarks.bench_coldstart --size 1280x720 --dtype bf16 --device cuda \
+  --runs no-cache,cache,cache --out "$OUT/bench_coldstart.json"
+
+kill "$SMI_PID" 2>/dev/null
+wait "$SMI_PID" 2>/dev/null
+date -u +"end %Y-%m-%dT%H:%M:%SZ" >> "$STATUS"
+cat "$STATUS"
