@@ -23,7 +23,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from actors.sinks import video_name
+from actors.protocol import video_name
 from actors.stitch import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
 from infra.storage import open_store

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from cluster.plan import frame_start
+from actors.protocol import frame_start
 
 
 class Decoder(Protocol):

@@ -17,8 +17,9 @@ import torch  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
 from actors.assemble import SegmentAssembler  # noqa: E402
+from actors.protocol import LatentSlice, ShardTask  # noqa: E402
 from actors.startup import StartupClock, process_started_at  # noqa: E402
-from actors.worker import LatentSlice, ShardTask, ShardWorker  # noqa: E402
+from actors.worker import ShardWorker  # noqa: E402
 
 _IMPORTS_ENDED = time.time()
 

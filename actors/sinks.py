@@ -27,9 +27,9 @@ import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
+from actors.protocol import check_format
 from infra.staged import Staged
 
-FORMATS = ("mp4", "ffv1", "png")
 _MKV_ALIASES = ("ffv1", "mkv")
 
 # AVColorSpace / AVColorPrimaries / AVColorTransferCharacteristic / AVColorRange values
@@ -74,14 +74,6 @@ class Sink(Protocol):
         ...
 
 
-def segment_suffix(fmt: str) -> str:
-    return {"mp4": ".mp4", "ffv1": ".mkv", "mkv": ".mkv", "png": ".tar"}[_check_fmt(fmt)]
-
-
-def video_name(fmt: str) -> str:
-    return {"mp4": "video.mp4", "ffv1": "video.mkv", "mkv": "video.mkv", "png": "frames"}[_check_fmt(fmt)]
-
-
 def nvenc_available(width: int = 256, height: int = 256) -> bool:
     """Whether an h264_nvenc encoder opens here now.
 
@@ -110,7 +102,7 @@ def encoder_opens(codec: str, width: int = 256, height: int = 256) -> bool:
 
 def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, encoder: str = "auto",
               crf: int = 18, preset: str = "veryfast", threads: int = 1) -> Sink:
-    fmt = _check_fmt(fmt)
+    fmt = check_format(fmt)
     if width <= 0 or height <= 0:
         raise ValueError(f"bad frame size {width}x{height}")
     if fps <= 0:
@@ -366,7 +358,7 @@ class _PngTarSink(_BaseSink):
 
 def count_frames(path: str, fmt: str) -> int:
     """Frames in a segment or final output, without decoding video (packets / PNG entries)."""
-    fmt = _check_fmt(fmt)
+    fmt = check_format(fmt)
     if fmt == "png":
         return len(_png_blobs(path, read=False))
     with av.open(path) as container:
@@ -376,7 +368,7 @@ def count_frames(path: str, fmt: str) -> int:
 
 def read_frames(path: str, fmt: str) -> np.ndarray:
     """Decode a segment or final output to RGB uint8 [F, H, W, 3]."""
-    fmt = _check_fmt(fmt)
+    fmt = check_format(fmt)
     if fmt == "png":
         frames = []
         for blob in _png_blobs(path, read=True):
@@ -409,9 +401,3 @@ def _png_blobs(path: str, read: bool) -> list:
         if not read:
             return [m.name for m in members]
         return [tar.extractfile(m).read() for m in members]
-
-
-def _check_fmt(fmt: str) -> str:
-    if fmt not in FORMATS and fmt != "mkv":
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return fmt

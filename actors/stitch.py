@@ -23,7 +23,7 @@ from fractions import Fraction
 
 import av
 
-from actors.sinks import _check_fmt
+from actors.protocol import check_format
 from infra.staged import Staged
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +45,7 @@ def inspect_segment(segment_path: str, fmt: str, fps: int, expected: int | None 
 
     Reads only; safe to run in any thread. Raises ValueError naming the segment.
     """
-    fmt = "mkv" if _check_fmt(fmt) == "ffv1" else fmt
+    fmt = "mkv" if check_format(fmt) == "ffv1" else fmt
     if fmt == "png":
         with tarfile.open(segment_path, "r:") as tar:
             names = [m.name for m in tar.getmembers() if m.isfile()]
@@ -119,7 +119,7 @@ class StreamingConcat:
     """
 
     def __init__(self, fmt: str, out_path: str, fps: int):
-        self.fmt = "mkv" if _check_fmt(fmt) == "ffv1" else fmt
+        self.fmt = "mkv" if check_format(fmt) == "ffv1" else fmt
         if fps <= 0:
             raise ValueError(f"bad fps {fps}")
         self.fps = fps

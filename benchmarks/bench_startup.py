@@ -30,7 +30,7 @@ import time
 import ray
 import torch
 
-from actors.worker import LatentSlice
+from actors.protocol import LatentSlice
 from cluster.driver import latents_digest
 from cluster.latents import validate_latents
 from cluster.plan import plan_shards

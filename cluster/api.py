@@ -5,7 +5,7 @@
     result.summary["realtime_factor"]
 
 `latents` may be a path (str or pathlib.Path), an s3:// URI, a torch tensor or a numpy
-array ([C,T,H,W] or [1,C,T,H,W]). Options are `jobs.spec.RenderSpec`'s fields, as keywords;
+array ([C,T,H,W] or [1,C,T,H,W]). Options are `actors.protocol.RenderSpec`'s fields, as keywords;
 `decoder` is a name, a dict or a DecoderSpec, and its fields (weights, random_weights,
 dtype, seed) may also be keywords: `render(z, "out/", decoder="wan2.1", weights="/models/vae")`. Ray is joined if running, or started
 locally; `address=` picks a cluster explicitly. A `Farm` keeps its decode workers (and
@@ -21,10 +21,9 @@ import numpy as np
 import ray
 import torch
 
+from actors.protocol import DecoderSpec, InputError, RenderSpec
 from cluster.dispatch import WorkerPool, resolve_workers
 from cluster.driver import JobResult, RenderJob
-from cluster.latents import InputError
-from jobs.spec import DecoderSpec, RenderSpec
 
 
 def connect(address: str | None = None, **init_kwargs) -> bool:

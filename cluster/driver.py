@@ -29,16 +29,15 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 from tqdm.auto import tqdm
 
-from actors.worker import LatentSlice, ShardTask, segment_key, sidecar_key
+from actors.compile_cache import resolve_cache_uri, user_cache_dir
+from actors.protocol import InputError, LatentSlice, RenderSpec, ShardTask, segment_key, sidecar_key
+from actors.startup import StartupClock
 from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_stitcher
 from cluster.geometry import decoder_geometry
-from cluster.latents import InputError, read_latents, validate_latents
+from cluster.latents import read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
-from actors.compile_cache import resolve_cache_uri, user_cache_dir
-from actors.startup import StartupClock
 from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
 from infra.storage import check_access, open_store
-from jobs.spec import RenderSpec
 
 log = logging.getLogger("framefarm")
 

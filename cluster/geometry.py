@@ -10,11 +10,14 @@ import json
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
+from actors import wan
 from actors.decoders import TestPatternDecoder
-from cluster.plan import TEMPORAL_SCALE
+from actors.protocol import TEMPORAL_SCALE, DecoderSpec
+from actors.wan import WanDecoder
+from actors.wan_context import context_cost_in_latents
 from infra.storage import open_store
-from jobs.spec import DecoderSpec
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,12 @@ class DecoderGeometry:
         """Steady latent frames' worth of work that pruned context costs (None: not prunable)."""
         if self.meta_decoder is None:
             return None
-        from actors.wan_context import context_cost_in_latents
-
         s = self.spatial_scale
         return context_cost_in_latents(self.meta_decoder, latent_height * s, latent_width * s, context)
 
 
 def wan_config(spec: DecoderSpec) -> dict:
     """The VAE config a Wan spec decodes with: the weights' config.json, or the built-in one."""
-    from actors import wan
-
     if spec.random_weights:
         return wan.ti2v_config() if spec.name == "wan2.2-ti2v" else {}
     store = open_store(spec.weights)
@@ -49,12 +48,6 @@ def wan_config(spec: DecoderSpec) -> dict:
                                 "(config.json + diffusion_pytorch_model.safetensors)") from exc
     if not (store.exists(wan.WEIGHTS_NAME) or store.exists(wan.WEIGHTS_INDEX_NAME)):
         raise FileNotFoundError(f"{spec.weights}: no {wan.WEIGHTS_NAME} (or its sharded index)")
-    # The architecture comes from config.json, but the job's defaults (fps) from the name:
-    # a mix-up would decode one model while labelling it the other.
-    variant = wan._variant_name(config).removesuffix("-vae")
-    if variant in ("wan2.1", "wan2.2-ti2v") and variant != spec.name:
-        raise ValueError(f"{spec.weights} holds a {variant} VAE (by its config.json), but the job asks for "
-                         f"decoder {spec.name!r}; pass --decoder {variant}")
     return config
 
 
@@ -62,13 +55,15 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
     if spec.name == "test-pattern":
         d = TestPatternDecoder()
         return DecoderGeometry(d.z_dim, d.spatial_scale, d.receptive_field)
-    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-
-    from actors.wan import WanDecoder
-
     with torch.device("meta"):  # topology only: no memory, no weights
         vae = AutoencoderKLWan.from_config(wan_config(spec))
     decoder = WanDecoder(vae, device="meta")
+    # The architecture comes from config.json, but the job's defaults (fps) from the name:
+    # a mix-up would decode one model while labelling it the other.
+    variant = decoder.name.removesuffix("-vae")
+    if spec.weights and variant in ("wan2.1", "wan2.2-ti2v") and variant != spec.name:
+        raise ValueError(f"{spec.weights} holds a {variant} VAE (by its config.json), but the job asks for "
+                         f"decoder {spec.name!r}; pass --decoder {variant}")
     if decoder.time_scale != TEMPORAL_SCALE:
         # The planner's frame arithmetic (1 + 4(T-1) frames) is Wan's; refuse before any work.
         raise ValueError(f"this VAE's config compresses time {decoder.time_scale}x; framefarm plans shards for "

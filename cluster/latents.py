@@ -13,12 +13,10 @@ import os
 import numpy as np
 import torch
 
+from actors.protocol import InputError
 from infra.storage import read_uri_bytes
+
 SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
-
-
-class InputError(ValueError):
-    """Bad user input, reported before any GPU work and before anything is written."""
 
 
 def _suffix(name: str) -> str:
@@ -102,19 +100,3 @@ def validate_latents(latents: torch.Tensor, z_dim: int, name: str = "latents") -
         if bad:
             raise InputError(f"{name}: {bad} non-finite values (NaN or inf)")
     return latents
-
-
-# PyTorch's caching allocator reserves more than the peak it hands out: 14.2 GiB reserved
-# for a 9.68 GiB peak decoding Wan 2.1 at 720p in bf16 on an H200.
-ALLOCATOR_RESERVE = 1.5
-
-
-def check_fits(peak_bytes: int, device_bytes: int, height: int, width: int, device_name: str,
-               weights_bytes: int = 0):
-    """Refuse a frame size whose decode would not fit the device's memory: the stream's peak
-    with the allocator's reserve, plus the model's weights."""
-    need = int(peak_bytes * ALLOCATOR_RESERVE) + weights_bytes
-    if need > device_bytes:
-        raise InputError(f"frame size {width}x{height} needs about {need / 2**30:.1f} GiB per decode stream "
-                         f"({peak_bytes / 2**30:.1f} GiB peak, the allocator's reserve and the weights), more "
-                         f"than {device_name} has ({device_bytes / 2**30:.1f} GiB)")

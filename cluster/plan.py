@@ -1,76 +1,13 @@
-"""Frame arithmetic and shard planning: pure functions, no Ray, no CUDA.
+"""Shard planning: pure functions, no Ray, no CUDA.
 
-Wan's VAE compresses time 4x causally: latent frame 0 decodes to one pixel frame,
-every later latent frame i to four, pixel frames 4i-3 .. 4i. A shard owns the latent
-range [start, stop) and is decoded from `context_start` <= start with a fresh cache; the
-frames that the context latents produce are decoded and then dropped.
+The frame arithmetic and `Shard` itself are vocabulary both sides speak: `actors.protocol`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TEMPORAL_SCALE = 4
-
-
-def pixel_frames(latent_frames: int) -> int:
-    """Pixel frames that `latent_frames` latent frames decode to (1 + 4(T-1))."""
-    if latent_frames < 1:
-        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
-    return 1 + TEMPORAL_SCALE * (latent_frames - 1)
-
-
-def frame_start(latent: int) -> int:
-    """First pixel frame (global index) produced by latent frame `latent`."""
-    return 0 if latent == 0 else TEMPORAL_SCALE * latent - (TEMPORAL_SCALE - 1)
-
-
-def frame_range(start: int, stop: int) -> tuple[int, int]:
-    """Global pixel frames [first, end) owned by the latent range [start, stop)."""
-    if not 0 <= start < stop:
-        raise ValueError(f"bad latent range [{start}, {stop})")
-    return frame_start(start), frame_start(stop)
-
-
-def frames_to_drop(context_start: int, start: int) -> int:
-    """Leading frames a stream started at `context_start` yields before latent `start`."""
-    if context_start > start:
-        raise ValueError(f"context_start {context_start} is after start {start}")
-    return 0 if context_start == start else pixel_frames(start - context_start)
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    start: int  # first latent frame the shard owns
-    stop: int  # one past its last latent frame
-    context_start: int  # where its decode begins (start - context, floored at 0)
-
-    @property
-    def context(self) -> int:
-        return self.start - self.context_start
-
-    @property
-    def latent_frames(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def decoded_latent_frames(self) -> int:
-        return self.stop - self.context_start
-
-    @property
-    def frames(self) -> tuple[int, int]:
-        return frame_range(self.start, self.stop)
-
-    @property
-    def frame_count(self) -> int:
-        first, end = self.frames
-        return end - first
-
-    @property
-    def drop(self) -> int:
-        return frames_to_drop(self.context_start, self.start)
-
+from actors.protocol import Shard, pixel_frames
 
 @dataclass(frozen=True)
 class ShardPlan:

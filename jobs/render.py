@@ -18,9 +18,8 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.latents import InputError
+from actors.protocol import InputError, RenderSpec
 from jobs.cli import add_model_options, describe_errors, model_input
-from jobs.spec import RenderSpec
 
 DEMO_OUTPUT = "framefarm-demo"
 POSITIONAL = ("latents", "output")
@@ -48,7 +47,7 @@ class Command:
     def __init__(self):
         self.parser = argparse.ArgumentParser(
             prog="python -m jobs.render", description=__doc__.split("\n\n")[0],
-            epilog="Every job option is a field of jobs.spec.RenderSpec (the notebook API's keywords).")
+            epilog="Every job option is a field of actors.protocol.RenderSpec (the notebook API's keywords).")
         self.spec_options = add_model_options(self.parser, RenderSpec, positional=POSITIONAL)
         self.run_options = add_model_options(self.parser, RunOptions, title="running")
 

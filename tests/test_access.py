@@ -12,7 +12,7 @@ import pytest
 
 from cluster.driver import prepare
 from infra.storage import AccessError, check_access
-from jobs.spec import RenderSpec
+from actors.protocol import RenderSpec
 from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,8 @@ import pytest
 
 from actors.assemble import SegmentAssembler, SegmentError
 from actors.decoders import read_index
-from actors.sinks import read_frames, video_name
+from actors.protocol import video_name
+from actors.sinks import read_frames
 from infra.checksum import sha256_file
 from tests.test_stitch import FPS, make_segments
 

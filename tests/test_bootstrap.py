@@ -147,8 +147,7 @@ def test_refuses_a_bucket_in_another_region(aws_env, s3):
 
 
 def test_lifecycle_rule_covers_where_workers_write_segments():
-    from actors.worker import segment_key
-    from cluster.plan import Shard
+    from actors.protocol import Shard, segment_key
 
     key = segment_key("f" * 16, Shard(index=3, start=10, stop=20, context_start=0), "mp4")
     assert key.startswith(SEGMENTS_SUBPREFIX), key

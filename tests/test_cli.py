@@ -13,12 +13,10 @@ import ray
 from pydantic import BaseModel
 
 from actors.decoders import pattern_latents, read_index
+from actors.protocol import InputError, RenderSpec, pixel_frames
 from actors.sinks import read_frames
 from cluster.api import make_spec
-from cluster.latents import InputError
-from cluster.plan import pixel_frames
 from jobs.render import Command, RunOptions
-from jobs.spec import RenderSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import torch
 from actors.decoders import TestPatternDecoder, pattern_latents, read_index
 from actors.pipeline import run_pipeline, to_uint8_frames
 from actors.sinks import open_sink, read_frames
-from cluster.plan import frames_to_drop, pixel_frames
+from actors.protocol import frames_to_drop, pixel_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cluster.latents import InputError, check_fits, read_latents, validate_latents
+from actors.protocol import InputError, RenderSpec
+from actors.worker import check_fits
+from cluster.latents import read_latents, validate_latents
 from cluster.driver import RenderJob, latents_digest
-from jobs.spec import RenderSpec
 
 Z = 16
 

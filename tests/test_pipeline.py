@@ -10,7 +10,7 @@ import torch
 from actors.decoders import TestPatternDecoder, pattern_latents, read_index
 from actors.pipeline import run_pipeline, to_uint8_frames
 from actors.sinks import open_sink, read_frames
-from cluster.plan import pixel_frames
+from actors.protocol import pixel_frames
 
 H, W = 96, 128
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cluster.plan import frame_range, frames_to_drop, pixel_frames, plan_shards
+from actors.protocol import frame_range, frames_to_drop, pixel_frames
+from cluster.plan import plan_shards
 
 
 def test_pixel_frames_follow_wan_temporal_compression():

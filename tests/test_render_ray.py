@@ -20,7 +20,7 @@ from actors.pipeline import to_uint8_frames
 from actors.sinks import read_frames
 from actors.wan import load_wan_decoder
 from cluster.api import render, submit
-from cluster.plan import pixel_frames
+from actors.protocol import pixel_frames
 from tests.conftest import tiny_latents
 
 PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
@@ -133,7 +133,7 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
 
 
 def test_frame_too_large_for_the_device_is_refused_before_any_output(ray_cluster, tmp_path):
-    from cluster.latents import InputError
+    from actors.protocol import InputError
 
     out = tmp_path / "huge"
     # 4000x4000 pixels in fp32 needs hundreds of GiB per decode stream: more than these
@@ -166,7 +166,7 @@ def test_wan22_ti2v_vae_renders_exactly_through_the_same_path(ray_cluster, tmp_p
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_latent_slices_cross_ray_exactly_and_read_only(ray_cluster, dtype):
-    from actors.worker import LatentSlice
+    from actors.protocol import LatentSlice
 
     latents = torch.randn(16, 7, 6, 10).to(dtype)[:, 2:6]  # a shard's slice: not contiguous
 

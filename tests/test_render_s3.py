@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from actors.decoders import pattern_latents, read_index
 from actors.sinks import read_frames
 from cluster.api import render
-from cluster.plan import pixel_frames
+from actors.protocol import pixel_frames
 from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
 from tests.conftest import tiny_latents
 
@@ -89,7 +89,7 @@ def test_weights_from_s3(s3_ray, tiny_wan_dir, tmp_path):
 
 
 def test_missing_s3_latents_is_a_clear_error(s3_ray):
-    from cluster.latents import InputError
+    from actors.protocol import InputError
 
     _, bucket = s3_ray
     with pytest.raises(InputError, match="no such latents file"):
@@ -101,7 +101,7 @@ def test_no_gpu_for_a_gpu_job_is_said_not_waited_for(s3_ray, tmp_path):
     """This module's Ray has no GPU: a job asking for GPU workers ends with what to check."""
     from cluster.dispatch import NoWorkersError
     from cluster.driver import RenderJob
-    from jobs.spec import RenderSpec
+    from actors.protocol import RenderSpec
 
     spec = RenderSpec(output=str(tmp_path / "out"), decoder={"name": "test-pattern"}, device="cuda", workers=1)
     with pytest.raises(NoWorkersError, match=r"each needs 1 GPU.*ray status"):
@@ -114,7 +114,7 @@ def test_cancel_while_waiting_for_gpu_workers_ends_the_job(s3_ray, tmp_path):
     from cluster.api import JobHandle
     from cluster.dispatch import JobCancelled
     from cluster.driver import RenderJob
-    from jobs.spec import RenderSpec
+    from actors.protocol import RenderSpec
 
     spec = RenderSpec(output=str(tmp_path / "out"), decoder={"name": "test-pattern"}, device="cuda", workers=1)
     handle = JobHandle(RenderJob(spec, pattern_latents(3, 96, 128), progress=False, startup_timeout_s=600))

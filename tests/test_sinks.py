@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from actors.decoders import draw_index_frame, read_index
-from actors.sinks import (SinkResult, count_frames, nvenc_available, open_sink, read_frames, segment_suffix,
-                          video_name)
+from actors.protocol import segment_suffix, video_name
+from actors.sinks import SinkResult, count_frames, nvenc_available, open_sink, read_frames
 
 H, W = 96, 128  # the test pattern needs >= 8 px blocks: 9 columns x 4 rows of blocks
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from actors.decoders import pattern_latents
-from jobs.spec import DecoderSpec
+from actors.protocol import DecoderSpec
 from actors.startup import Phase, StartupClock, StartupReport, process_started_at
 from actors.worker import ShardWorker
 from cluster.api import render

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from actors.decoders import read_index
-from actors.sinks import count_frames, open_sink, read_frames, segment_suffix, video_name
+from actors.protocol import segment_suffix, video_name
+from actors.sinks import count_frames, open_sink, read_frames
 from actors.stitch import StitchResult, StreamingConcat, concat_segments
 from tests.test_sinks import H, W, pattern_frames
 

@@ -24,7 +24,8 @@ from actors.wan import (
     stage_receptive_fields,
     tiny_wan_config,
 )
-from cluster.plan import frame_start, pixel_frames, plan_shards
+from actors.protocol import frame_start, pixel_frames
+from cluster.plan import plan_shards
 
 VARIANTS = ("2.1", "2.2")
 
@@ -357,7 +358,7 @@ def test_bf16_unnormalization_is_wan_pipelines_bit_for_bit():
 
 def test_weights_of_the_other_variant_are_refused_before_any_work(tmp_path):
     from cluster.geometry import decoder_geometry
-    from jobs.spec import DecoderSpec
+    from actors.protocol import DecoderSpec
 
     folder = tmp_path / "ti2v"
     _vae(tiny_wan_config("2.2")).save_pretrained(folder)
@@ -368,7 +369,7 @@ def test_weights_of_the_other_variant_are_refused_before_any_work(tmp_path):
 
 def test_sharded_checkpoints_pass_the_drivers_check_and_load(tmp_path):
     from cluster.geometry import decoder_geometry
-    from jobs.spec import DecoderSpec
+    from actors.protocol import DecoderSpec
 
     folder = tmp_path / "sharded"
     vae = _vae(tiny_wan_config(), seed=3)
@@ -381,7 +382,7 @@ def test_sharded_checkpoints_pass_the_drivers_check_and_load(tmp_path):
 
 def test_a_vae_that_is_not_4x_in_time_is_refused_before_any_work(tmp_path):
     from cluster.geometry import decoder_geometry
-    from jobs.spec import DecoderSpec
+    from actors.protocol import DecoderSpec
 
     folder = tmp_path / "2x"
     _vae({**tiny_wan_config(), "temperal_downsample": [False, False, True]}).save_pretrained(folder)

@@ -22,7 +22,8 @@ from actors.wan_context import (
     stream_with_context,
     warm_state,
 )
-from cluster.plan import frame_start, plan_shards
+from actors.protocol import frame_start
+from cluster.plan import plan_shards
 
 T = 44  # latents: room for shards with a full receptive field (30) of context and more
 SIDE = 8  # latent pixels
