@@ -62,7 +62,7 @@ def test_help_lists_every_option_with_its_default_and_help():
         if option in ("LATENTS", "OUTPUT"):
             continue
         if field.default is None:
-            assert "default:" in entry, f"{option}: says nothing of what leaving it out means: {entry}"
+            assert "default" in entry, f"{option}: says nothing of what leaving it out means: {entry}"
         elif field.is_required():
             continue
         else:

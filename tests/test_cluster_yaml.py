@@ -130,8 +130,15 @@ def test_ray_pin_in_setup_matches_pyproject(config):
     assert pins == [version]
     assert any(f"ray.__version__ == '{version}'" in c for c in config["setup_commands"])
     # framefarm itself: the wheel built from this checkout, mounted on every node.
-    (mount,) = config["file_mounts"]
+    (mount,) = [m for m in config["file_mounts"] if m.endswith("framefarm-dist")]
     assert any(f"{mount}/framefarm-" in c for c in config["setup_commands"])
+
+
+def test_every_node_runs_with_token_auth_and_the_shared_token(config):
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in config[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), start
 
 
 def test_nodes_use_their_own_iam_profiles_and_imdsv2(config):
