@@ -38,7 +38,7 @@ import ray
 import torch
 
 from actors.ray_actors import decode_worker_class
-from jobs.spec import DecoderSpec
+from actors.protocol import DecoderSpec
 
 RUNS = ("no-cache", "cache", "off")
 

@@ -36,11 +36,10 @@ import time
 import torch
 
 from actors.pipeline import run_pipeline
+from actors.protocol import DecoderSpec, Shard, ShardTask
 from actors.sinks import open_sink
-from actors.worker import ShardTask, ShardWorker
+from actors.worker import ShardWorker
 from benchmarks.diffusers_stream import DiffusersStream
-from cluster.plan import Shard
-from jobs.spec import DecoderSpec
 
 SPATIAL = 8  # Wan 2.1: pixels per latent pixel
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -106,3 +107,11 @@ def test_job_timeline_shows_each_workers_startup_before_its_first_shard(local_ra
         assert all(p["ts"] + p["dur"] <= first_shard + 1e3 for p in phases.values())
     driver = {e["name"] for e in spans if e["pid"] == -1}
     assert driver == {"read + validate input", "first worker ready"}
+
+
+@pytest.mark.parametrize("name", ["bench_product", "bench_coldstart"])
+def test_the_gpu_benchmarks_import_and_parse_their_options(name):
+    # They run first on a lent GPU, where a broken import costs the session's device time.
+    module = importlib.import_module(f"benchmarks.{name}")
+    args = module.parse_args(["--size", "64x32", "--out", "x.json"])
+    assert (args.width, args.height) == (64, 32)
