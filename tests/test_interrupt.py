@@ -13,9 +13,9 @@ import threading
 import pytest
 
 from actors.decoders import read_index
-from actors.sinks import read_frames
 from actors.protocol import pixel_frames
-from infra.storage import TMP_SUFFIX
+from actors.sinks import read_frames
+from infra.staged import TMP_SUFFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

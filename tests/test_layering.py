@@ -50,6 +50,18 @@ def _imports(tree: ast.Module) -> list[tuple[int, str, list[str]]]:
     return found
 
 
+def _defined(module: str) -> set[str]:
+    """Names `module` defines at its top level (not those it merely imports)."""
+    names = set()
+    for node in ast.parse(MODULES[module].read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -65,11 +77,18 @@ def layering_errors(module: str, source: str) -> list[str]:
             continue
         where = f"{module}:{line}"
         top = target.split(".")[0]
+        if target not in MODULES:
+            errors.append(f"{where}: imports {target}, which is not a module of framefarm (moved or removed?)")
         if package in RANKS and top in RANKS and RANKS[top] > RANKS[package]:
             errors.append(f"{where}: {package}/ imports {target} (imports point jobs -> cluster -> actors -> infra)")
         if module == PROTOCOL and top != "infra":
             errors.append(f"{where}: {PROTOCOL} imports {target}; it may import only infra/ of framefarm")
+        package_init = MODULES.get(target, Path()).name == "__init__.py"
         for name in names:
+            if (target in MODULES and not package_init and f"{target}.{name}" not in MODULES
+                    and name not in _defined(target)):
+                errors.append(f"{where}: imports {name} from {target}, which does not define it "
+                              "(import it from where it is defined)")
             if _private(name) and target != module:
                 errors.append(f"{where}: imports {target}.{name}, a private name of another module")
             if f"{target}.{name}" in MODULES:
