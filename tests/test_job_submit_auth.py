@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from actors.decoders import read_index
+from actors.protocol import pixel_frames
 from actors.sinks import read_frames
-from cluster.plan import pixel_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
