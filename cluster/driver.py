@@ -11,6 +11,7 @@ without writing anything:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.protocol import InputError, LatentSlice, RenderSpec, ShardTask, segment_key, sidecar_key
@@ -36,7 +38,7 @@ from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_st
 from cluster.geometry import decoder_geometry
 from cluster.latents import read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
-from cluster.report import chrome_trace, manifest_parquet, manifest_rows, summarize
+from cluster.report import busy_label, chrome_trace, manifest_parquet, manifest_rows, stage_label, summarize
 from infra.storage import check_access, open_store
 
 log = logging.getLogger("framefarm")
@@ -87,6 +89,10 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torc
         latents = read_latents(spec.latents)
     latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents")
     context = geometry.receptive_field if spec.overlap == "exact" else spec.overlap
+    if context < geometry.receptive_field:
+        log.warning("overlap %d < the decoder's receptive field (%d latent frames): frames near each shard's "
+                    "start will differ from a whole-video decode (overlap 'exact' keeps them identical)",
+                    context, geometry.receptive_field)
     cost = None
     if spec.context_mode == "pruned":
         cost = geometry.context_cost(latents.shape[2], latents.shape[3], context)
@@ -241,6 +247,11 @@ class RenderJob:
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
                    file=sys.stderr, mininterval=1.0)
+        # While the bar is drawn, log lines go out through it, each on a line of its own
+        # rather than after the bar's text on the bar's line.
+        redirect = contextlib.ExitStack()
+        if self.show_progress:
+            redirect.enter_context(logging_redirect_tqdm(tqdm_class=type(bar)))
         # Counted apart from the bar: a disabled bar (submit's jobs) counts nothing.
         self.frames_done = sum(m["frames"] for m in metas.values())
         bar.update(self.frames_done)
@@ -308,11 +319,13 @@ class RenderJob:
                     bar.update(meta["frames"])
                     self.frames_done += meta["frames"]
                     r = meta["report"]
-                    log.info("shard %d/%d done on %s: %d frames in %.1f s, GPU busy %.0f%%, bottleneck %s",
-                             shard.index + 1, len(plan.shards), meta["hostname"], meta["frames"],
-                             meta["ended"] - meta["started"], 100 * r["gpu_utilization"], r["bottleneck"])
+                    log.info("shard %d/%d done on %s (%s): %d frames in %.1f s, %s %.0f%%, bottleneck %s",
+                             shard.index + 1, len(plan.shards), meta["hostname"], meta["device_name"],
+                             meta["frames"], meta["ended"] - meta["started"], busy_label(meta["device"]),
+                             100 * r["gpu_utilization"], stage_label(r["bottleneck"], meta["device"]))
                     self.on_event("done", meta)
         finally:
+            redirect.close()
             bar.close()
             pending.set(0, tags={"job": job_id})  # the job is over, whichever way
             # Work still in flight belongs to a job that is ending (cancelled or failed). A
@@ -328,7 +341,7 @@ class RenderJob:
         """Step 5 after the video: manifest, timeline, summary; then drop the segments."""
         spec, pool = self.spec, self.pool
         wall = time.time() - t_job
-        rows = manifest_rows(all_metas)
+        rows = manifest_rows(all_metas, segments_kept=spec.keep_segments)
         summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall, workers=pool.size,
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
                             plan_overhead=plan.overhead, stitch=stitch, job_started=t_job,

@@ -14,10 +14,22 @@ MANIFEST_COLUMNS = (
     "shard", "start", "stop", "context_start", "context", "frame_start", "frame_end", "frames", "key",
     "bytes", "sha256", "attempts", "node_id", "hostname", "gpu_ids", "device_name", "started", "ended",
     "wall_s", "gpu_busy_s", "copy_s", "host_busy_s", "flush_s", "gpu_utilization", "bottleneck", "reused",
+    "segment_kept",
 )
 
 
-def manifest_rows(metas: list[dict]) -> list[dict]:
+def stage_label(stage: str, device: str) -> str:
+    """The pipeline names its decode stage "gpu"; on a CPU worker that stage is the CPU decoding."""
+    return "decode" if stage == "gpu" and not device.startswith("cuda") else stage
+
+
+def busy_label(device: str) -> str:
+    return "GPU busy" if device.startswith("cuda") else "decode busy"
+
+
+def manifest_rows(metas: list[dict], segments_kept: bool = True) -> list[dict]:
+    """One row a shard. `segment_kept` says whether `key` still names a segment in the output
+    (the driver deletes them once the video is committed, unless asked to keep them)."""
     rows = []
     for m in sorted(metas, key=lambda m: m["shard"]):
         r = m["report"]
@@ -30,8 +42,8 @@ def manifest_rows(metas: list[dict]) -> list[dict]:
             "device_name": m["device_name"], "started": m["started"], "ended": m["ended"],
             "wall_s": m["ended"] - m["started"], "gpu_busy_s": r["gpu_busy_s"], "copy_s": r["copy_s"],
             "host_busy_s": r["host_busy_s"], "flush_s": r["flush_s"],
-            "gpu_utilization": r["gpu_utilization"], "bottleneck": r["bottleneck"],
-            "reused": bool(m.get("reused", False)),
+            "gpu_utilization": r["gpu_utilization"], "bottleneck": stage_label(r["bottleneck"], m["device"]),
+            "reused": bool(m.get("reused", False)), "segment_kept": segments_kept,
         })
     return rows
 
@@ -91,7 +103,8 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
     fresh = [m for m in metas if not m.get("reused")]
     busy = sum(m["report"]["gpu_busy_s"] for m in fresh)
     in_shards = sum(m["report"]["gpu_span_s"] for m in fresh)
-    billed = workers * wall_s if use_gpu else 0.0
+    worker_s = workers * wall_s
+    billed = worker_s if use_gpu else 0.0
     video_s = frames / fps
     last_shard_end = max((m["ended"] for m in fresh), default=None)
     summary = {
@@ -100,9 +113,10 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
         "workers": workers, "device": "gpu" if use_gpu else "cpu",
         "gpu_seconds": billed, "busy_seconds": busy,
         # Over the whole job's wall time and every worker, start-up included: what the GPUs
-        # billed did. `gpu_utilization_in_shards` counts only the shards' decode spans.
-        "gpu_utilization": busy / billed if billed > 0 else None,
-        "gpu_utilization_in_shards": busy / in_shards if use_gpu and in_shards > 0 else None,
+        # billed did (on CPU workers, what the decode did: "device" says which).
+        # `gpu_utilization_in_shards` counts only the shards' decode spans.
+        "gpu_utilization": busy / worker_s if worker_s > 0 and fresh else None,
+        "gpu_utilization_in_shards": busy / in_shards if in_shards > 0 else None,
         "price_per_gpu_hour": price_per_gpu_hour,
         "estimated_cost_usd": billed / 3600 * price_per_gpu_hour,
         "context_overhead": plan_overhead, "shards": len(metas),

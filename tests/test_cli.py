@@ -152,3 +152,17 @@ def test_notebook_renders_a_numpy_array_to_a_path(local_ray, tmp_path):
         handle = submit(latents[None], str(tmp_path / "sub"), farm=farm, decoder="test-pattern",
                         format="ffv1")
         assert handle.wait(timeout=300).summary["frames"] == pixel_frames(9)
+
+
+def test_approximate_overlap_warns_that_frames_near_shard_starts_differ(tmp_path, caplog):
+    from cluster.driver import prepare
+
+    latents = pattern_latents(9, 96, 128)
+    spec = RenderSpec(output=str(tmp_path / "o"), decoder={"name": "wan2.1", "random_weights": True}, overlap=4)
+    with caplog.at_level("WARNING", logger="framefarm"):
+        prepare(spec, latents)
+    assert any("frames near each shard's start will differ" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="framefarm"):
+        prepare(spec.model_copy(update={"overlap": "exact"}), latents)
+    assert not [r for r in caplog.records if "differ" in r.getMessage()]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import pyarrow.parquet as pq
 import pytest
 
 from actors.decoders import read_index
@@ -69,6 +70,16 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reused_shards"] == kept
+    # Honest labels on a CPU run: no GPU named where none worked, figures where there are some.
+    assert " done on " in rerun.stderr and "decode busy" in rerun.stderr, rerun.stderr[-3000:]
+    assert "GPU busy" not in rerun.stderr and "bottleneck gpu" not in rerun.stderr
+    assert summary["device"] == "cpu" and summary["gpu_utilization"] is not None
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert manifest and all(not row["segment_kept"] for row in manifest)  # the segments were deleted
+    assert all(row["bottleneck"] != "gpu" for row in manifest)
+    # The progress bar and log lines never share a line.
+    for line in rerun.stderr.replace("\r", "\n").splitlines():
+        assert not ("frame/s" in line and " INFO " in line), line
     frames = read_frames(str(out / "video.mkv"), "ffv1")
     assert [read_index(f) for f in frames] == list(range(pixel_frames(21)))
     assert _partial_files(out) == [] and not (out / "segments").exists()
