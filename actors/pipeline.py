@@ -1,17 +1,20 @@
 """The asynchronous frame pipeline: decode on the GPU while copying and encoding earlier chunks.
 
 Three stages overlap:
-  compute stream   decoder step for chunk N, then uint8 conversion (4x fewer bytes to copy)
+  compute stream   decoder step for chunk N, then conversion to the sink's frame layout
+                   (actors/colour.py: uint8 RGB or I420, 4x or 8x fewer bytes to copy)
   copy stream      D2H of chunk N-1 into a pinned host buffer of a small ring
-  host thread      hands chunk N-2 to the sink (colour conversion, encoding, writing)
+  host thread      hands chunk N-2 to the sink (encoding, writing)
 CUDA events are the barriers: compute-done before the copy starts, copy-done before the
 host reads the buffer; a buffer goes back to the ring only after the sink is done with
 it, so when the host is slower than the GPU the decode loop waits for a free buffer
 (backpressure) and the report names the host as the bottleneck.
 
-The synchronous mode (decode, blocking copy, write, repeat) runs behind the same call for
-comparison. Without CUDA the same code runs with threads only: the decode loop in the
-caller's thread, the sink in the host thread.
+One loop (`_drive`) runs on every device; what differs lives in a device object: on CUDA
+the streams, events and pinned ring (`_CudaDevice`), on the CPU the decoder's steps timed
+by the clock and frames handed over as they are (`_CpuDevice`). `depth` is the ring's size.
+depth 0 is the synchronous baseline that benchmarks compare against: no host thread, each
+chunk is copied and written before the next step is launched, so the GPU idles meanwhile.
 
 Note [pipeline shutdown]
   1. The decode loop ends (normally or by an error) and puts `_END` on the ready queue;
@@ -34,24 +37,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
+import numpy as np
 import torch
 
+from actors.colour import frame_converter
 from actors.sinks import Sink, SinkResult
 
-Mode = Literal["async", "sync"]
 _POLL_S = 0.1
 _JOIN_TIMEOUT_S = 60.0
 
 
 @dataclass
 class PipelineReport:
-    mode: str
+    mode: str  # "async", or "sync" for depth 0
     frames: int = 0
     chunks: int = 0
     wall_s: float = 0.0
-    gpu_busy_s: float = 0.0  # decoder + uint8 conversion, by CUDA events (wall time on CPU)
+    gpu_busy_s: float = 0.0  # decoder + frame conversion, by CUDA events (wall time on CPU)
     gpu_span_s: float = 0.0  # from the first chunk's start to the last chunk's end
     copy_s: float = 0.0  # device-to-host copies, by CUDA events
     host_busy_s: float = 0.0  # inside sink.write
@@ -96,87 +99,52 @@ class _StageError:
 _END = object()
 
 
-def to_uint8_frames(chunk: torch.Tensor) -> torch.Tensor:
-    """CFHW in [-1, 1] -> FHWC uint8, rounding (never truncating) as Wan's pipelines do."""
-    x = chunk.float().clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_()  # out of place: the chunk may be shared
-    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
-
-
-# BT.709 (Kr 0.2126, Kb 0.0722) in limited range: Y in [16, 235], Cb/Cr in [16, 240].
-_BT709_YUV = torch.tensor([
-    [0.2126, 0.7152, 0.0722],
-    [-0.2126 / 1.8556, -0.7152 / 1.8556, 0.5],
-    [0.5, -0.7152 / 1.5748, -0.0722 / 1.5748],
-])
-
-
-def to_yuv420_frames(chunk: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
-    """CFHW in [-1, 1] -> [F, H*3/2, W] uint8 I420 (BT.709, limited range), on the chunk's device.
-
-    Starts from the same rounded 8-bit RGB as `to_uint8_frames`; chroma is the mean of each
-    2x2 block. Half the bytes of RGB to copy, and no colour conversion left for the host.
-    `matrix`: the RGB -> YCbCr matrix already on the chunk's device. Pass it in a loop: moving
-    it there from pageable memory waits for the stream, which would stall a pipelined decode.
-    """
-    _, f, h, w = chunk.shape
-    rgb = to_uint8_frames(chunk).float().div_(255.0)  # FHWC in [0, 1]
-    if matrix is None:
-        matrix = _BT709_YUV.to(rgb.device)
-    yuv = rgb @ matrix.T  # FHW3: Y in [0, 1], Cb/Cr in [-0.5, 0.5]
-    y = yuv[..., 0].mul(219.0).add_(16.0)
-    chroma = torch.nn.functional.avg_pool2d(yuv[..., 1:].permute(0, 3, 1, 2), 2)  # F,2,H/2,W/2
-    chroma = chroma.mul_(224.0).add_(128.0)
-    out = torch.empty((f, h * 3 // 2, w), dtype=torch.uint8, device=chunk.device)
-    flat = out.view(f, -1)  # I420: the Y plane, then U, then V, each row-major
-    flat[:, : h * w] = y.round_().clamp_(0, 255).to(torch.uint8).reshape(f, -1)
-    flat[:, h * w :] = chroma.round_().clamp_(0, 255).to(torch.uint8).reshape(f, -1)
-    return out
-
-
-def frame_converter(layout: str, device: torch.device):
-    """The GPU-side conversion that hands a sink frames in the layout it takes."""
-    if layout == "yuv420p":
-        matrix = _BT709_YUV.to(device)  # once per run, before the first step is queued
-        return lambda chunk: to_yuv420_frames(chunk, matrix)
-    if layout == "rgb24":
-        return to_uint8_frames
-    raise ValueError(f"unknown frame layout {layout!r}")
-
-
-def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, mode: Mode = "async",
-                 depth: int = 2, device: torch.device | str = "cpu",
-                 ring: list | None = None, join_timeout_s: float = _JOIN_TIMEOUT_S,
-                 on_backpressure: Callable[[], None] | None = None,
+def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, depth: int = 2,
+                 device: torch.device | str = "cpu", ring: list | None = None,
+                 join_timeout_s: float = _JOIN_TIMEOUT_S, on_backpressure: Callable[[], None] | None = None,
                  ) -> tuple[PipelineReport, SinkResult]:
     """Drive `chunks` (a decoder's stream) into `sink`, dropping the first `drop` frames.
 
-    The sink is closed (committed) on success and aborted on any failure. `ring`, a list the
-    caller keeps (a worker, across shards), holds the pinned host buffers, so they are
-    allocated once rather than per run (page-locking costs milliseconds per buffer).
-    `join_timeout_s`: how long the end of a run waits for the host thread's last write.
-    `on_backpressure`: called from the decode loop each time it finds every host buffer taken
-    and starts to wait for one (the host is behind); it must not block.
+    `depth`: host buffers in the ring (chunks that may wait for the host); 0 runs the
+    synchronous baseline. The sink is closed (committed) on success and aborted on any
+    failure. `ring`, a list the caller keeps (a worker, across shards), holds the pinned host
+    buffers, so they are allocated once rather than per run (page-locking costs milliseconds
+    per buffer). `join_timeout_s`: how long the end of a run waits for the host thread's last
+    write. `on_backpressure`: called from the decode loop each time it finds every host buffer
+    taken and starts to wait for one (the host is behind); it must not block.
     """
-    report = PipelineReport(mode=mode)
+    report = PipelineReport(mode="async" if depth else "sync")
     start = time.perf_counter()
     cuda = False
     try:
         device = torch.device(device)
         cuda = device.type == "cuda"
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
         convert = frame_converter(getattr(sink, "layout", "rgb24"), device)
+        slots = max(depth, 1)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-            if mode == "sync":
-                _run_sync_cuda(chunks, sink, convert, drop, depth, device, report)
-            else:
-                _run_async_cuda(chunks, sink, convert, drop, depth, device, report, [] if ring is None else ring,
-                                join_timeout_s, on_backpressure)
-        elif mode == "sync":
-            _run_sync_cpu(chunks, sink, convert, drop, depth, report)
+            dev = _CudaDevice(device, [] if ring is None else ring, slots, report)
         else:
-            _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s, on_backpressure)
+            dev = _CpuDevice(report)
+        free = _FreeSlots(slots, on_backpressure)
+        if depth:
+            host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
+        else:
+            host = _InlineHost(sink, report, on_done=free.release)
+        ok = False
+        try:
+            _drive(chunks, convert, drop, dev, host, free, report)
+            ok = True
+        finally:
+            try:
+                host.finish(ok)
+            except BaseException:
+                ok = False
+                raise
+            finally:
+                dev.settle(ok)
         t = time.perf_counter()
         result = sink.close()
         report.flush_s = time.perf_counter() - t
@@ -193,76 +161,142 @@ def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, m
     return report, result
 
 
-def _trim(frames: torch.Tensor, to_drop: int) -> tuple[torch.Tensor, int]:
-    """Drop up to `to_drop` leading frames; return what is left and what is still to drop."""
-    n = min(to_drop, frames.shape[0])
-    return frames[n:], to_drop - n
-
-
-# --- synchronous ---------------------------------------------------------------------------
-
-
-def _cpu_steps(chunks, convert, drop, report):
-    """The decoder's steps timed on the CPU clock; yields each step's kept frames, if any."""
-    t_first = None
+def _drive(chunks, convert, drop, dev, host, free, report) -> None:
+    """The one decode loop: step, drop context frames, take a free buffer, hand it to the host."""
     it = iter(chunks)
     while True:
+        frames = dev.step(it, convert)
+        if frames is None:
+            return
+        report.chunks += 1
+        n = min(drop, frames.shape[0])  # leading context frames are decoded, never kept
+        frames, drop = frames[n:], drop - n
+        if not frames.shape[0]:
+            continue
+        slot = free.acquire(host, report)
+        host_frames, ready = dev.to_host(frames, slot)
+        host.put(host_frames, slot, ready)
+        report.frames += frames.shape[0]
+
+
+# --- devices -------------------------------------------------------------------------------
+
+
+class _CpuDevice:
+    """Decoder steps in the caller's thread, timed by the clock; frames reach the host as they are."""
+
+    def __init__(self, report: PipelineReport):
+        self.report = report
+        self._first: float | None = None
+
+    def step(self, it: Iterator[torch.Tensor], convert) -> torch.Tensor | None:
         t0 = time.perf_counter()
         chunk = next(it, None)
         if chunk is None:
-            return
-        frames, drop = _trim(convert(chunk), drop)
+            return None
+        frames = convert(chunk)
         t1 = time.perf_counter()
-        t_first = t0 if t_first is None else t_first
-        report.gpu_busy_s += t1 - t0
-        report.gpu_span_s = t1 - t_first
-        report.chunks += 1
-        if frames.shape[0]:
-            yield frames
+        self._first = t0 if self._first is None else self._first
+        self.report.gpu_busy_s += t1 - t0
+        self.report.gpu_span_s = t1 - self._first
+        return frames
+
+    def to_host(self, frames: torch.Tensor, slot: int) -> tuple[np.ndarray, None]:
+        return frames.numpy(), None
+
+    def settle(self, ok: bool) -> None:
+        pass
 
 
-def _run_sync_cpu(chunks, sink, convert, drop, depth, report):
-    for frames in _cpu_steps(chunks, convert, drop, report):
-        t = time.perf_counter()
-        sink.write(frames.numpy())
-        report.frames += frames.shape[0]
-        report.host_busy_s += time.perf_counter() - t
+class _CudaDevice:
+    """The compute and copy streams, the pinned ring, and the CUDA events between them."""
 
+    def __init__(self, device: torch.device, ring: list, slots: int, report: PipelineReport):
+        self.device, self.report = device, report
+        self.compute = torch.cuda.Stream(device)
+        self.copy = torch.cuda.Stream(device)
+        ring.extend([None] * (slots - len(ring)))  # pinned buffers, sized by the first chunk
+        self.ring = ring
+        self.spans: list = []  # (begin, end) of each step on the compute stream
+        self.copies: list = []  # (begin, done) of each copy on the copy stream
 
-def _run_sync_cuda(chunks, sink, convert, drop, depth, device, report):
-    it = iter(chunks)
-    spans = []
-    while True:
+    def step(self, it: Iterator[torch.Tensor], convert) -> torch.Tensor | None:
         begin = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        chunk = next(it, None)
-        if chunk is None:
-            break
-        frames, drop = _trim(convert(chunk), drop)
-        end.record()
-        spans.append((begin, end))
-        report.chunks += 1
-        if frames.shape[0]:
-            t = time.perf_counter()
-            host = frames.cpu()  # blocking D2H: the GPU idles from here to the next launch
-            t1 = time.perf_counter()
-            report.copy_s += t1 - t
-            sink.write(host.numpy())
-            report.host_busy_s += time.perf_counter() - t1
-            report.frames += host.shape[0]
-    torch.cuda.synchronize(device)
-    _account_gpu(spans, report)
+        with torch.cuda.stream(self.compute):
+            begin.record(self.compute)
+            chunk = next(it, None)
+            if chunk is None:
+                return None
+            frames = convert(chunk)
+            end.record(self.compute)
+        self.spans.append((begin, end))
+        return frames
+
+    def to_host(self, frames: torch.Tensor, slot: int) -> tuple[np.ndarray, torch.cuda.Event]:
+        n = frames.shape[0]
+        buf = self.ring[slot]
+        if buf is None or buf.shape[1:] != frames.shape[1:] or buf.shape[0] < n:
+            buf = self.ring[slot] = torch.empty((max(4, n), *frames.shape[1:]), dtype=torch.uint8,
+                                                pin_memory=True)
+        copy_begin = torch.cuda.Event(enable_timing=True)
+        copy_done = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.copy):
+            self.copy.wait_event(self.spans[-1][1])  # compute-done before the copy
+            copy_begin.record(self.copy)
+            buf[:n].copy_(frames, non_blocking=True)
+            copy_done.record(self.copy)
+        # The allocator must not hand `frames` to the next chunk before the copy reads it.
+        frames.record_stream(self.copy)
+        self.copies.append((copy_begin, copy_done))
+        return buf[:n].numpy(), copy_done
+
+    def settle(self, ok: bool) -> None:
+        """After the host is done: the GPU's times on success; on failure, no copy left in flight."""
+        if not ok:
+            _quiet_sync(self.copy)
+            return
+        torch.cuda.synchronize(self.device)
+        if self.spans:
+            self.report.gpu_busy_s = sum(b.elapsed_time(e) for b, e in self.spans) / 1e3
+            self.report.gpu_span_s = self.spans[0][0].elapsed_time(self.spans[-1][1]) / 1e3
+        self.report.copy_s = sum(b.elapsed_time(e) for b, e in self.copies) / 1e3
 
 
-def _account_gpu(spans, report):
-    if not spans:
-        return
-    report.gpu_busy_s = sum(b.elapsed_time(e) for b, e in spans) / 1e3
-    report.gpu_span_s = spans[0][0].elapsed_time(spans[-1][1]) / 1e3
+def _quiet_sync(stream) -> None:
+    """Wait for `stream` on a failure path, where the original error matters more than this."""
+    try:
+        stream.synchronize()
+    except Exception:  # noqa: BLE001 - a broken CUDA context: the caller is already raising
+        pass
 
 
-# --- asynchronous --------------------------------------------------------------------------
+# --- the host side -------------------------------------------------------------------------
+
+
+class _InlineHost:
+    """depth 0: the sink is fed in the decode loop's own thread, the copy waited for first."""
+
+    def __init__(self, sink: Sink, report: PipelineReport, on_done):
+        self.sink, self.report, self.on_done = sink, report, on_done
+        self.stop = threading.Event()  # never set: nothing runs beside the loop
+        self.join_timeout_s = _JOIN_TIMEOUT_S
+
+    def put(self, frames: np.ndarray, slot: int, ready) -> None:
+        t = time.perf_counter()
+        if ready is not None:
+            ready.synchronize()  # a blocking copy: the GPU has nothing queued meanwhile
+        t1 = time.perf_counter()
+        self.report.host_idle_s += t1 - t
+        self.sink.write(frames)
+        self.report.host_busy_s += time.perf_counter() - t1
+        self.on_done(slot)
+
+    def check(self) -> None:
+        pass
+
+    def finish(self, ok: bool) -> None:
+        pass
 
 
 class HostStuck(RuntimeError):
@@ -331,6 +365,10 @@ class _HostWorker:
             self.error = _StageError("host worker (sink)", exc)
             self.stop.set()
 
+    def put(self, frames: np.ndarray, slot: int, ready) -> None:
+        """Queue a chunk for the sink; `ready` (a CUDA event, or None) marks its copy landed."""
+        self.ready.put((frames, slot, ready))
+
     def check(self):
         if self.error is not None:
             self.error.reraise()
@@ -346,82 +384,6 @@ class _HostWorker:
         if self.thread.is_alive():
             self.give_up(f"host worker did not stop within {self.join_timeout_s:g} s")
         self.check()
-
-
-def _run_async_cpu(chunks, sink, convert, drop, depth, report, join_timeout_s, on_backpressure):
-    free = _FreeSlots(depth, on_backpressure)  # at most `depth` chunks wait for the host
-    host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
-    ok = False
-    try:
-        for frames in _cpu_steps(chunks, convert, drop, report):
-            slot = free.acquire(host, report)
-            host.ready.put((frames.numpy(), slot, None))
-            report.frames += frames.shape[0]
-        ok = True
-    finally:
-        host.finish(ok)
-
-
-def _run_async_cuda(chunks, sink, convert, drop, depth, device, report, ring, join_timeout_s, on_backpressure):
-    compute = torch.cuda.Stream(device)
-    copy = torch.cuda.Stream(device)
-    ring.extend([None] * (depth - len(ring)))  # pinned buffers, sized by the first chunk
-    free = _FreeSlots(depth, on_backpressure)
-    host = _HostWorker(sink, report, on_done=free.release, join_timeout_s=join_timeout_s)
-    spans, copies = [], []
-    ok = False
-    try:
-        it = iter(chunks)
-        while True:
-            begin = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(compute):
-                begin.record(compute)
-                chunk = next(it, None)
-                if chunk is None:
-                    break
-                frames, drop = _trim(convert(chunk), drop)
-                end.record(compute)
-            spans.append((begin, end))
-            report.chunks += 1
-            n = frames.shape[0]
-            if not n:
-                continue
-            slot = free.acquire(host, report)
-            buf = ring[slot]
-            if buf is None or buf.shape[1:] != frames.shape[1:] or buf.shape[0] < n:
-                buf = ring[slot] = torch.empty((max(4, n), *frames.shape[1:]), dtype=torch.uint8,
-                                               pin_memory=True)
-            copy_begin = torch.cuda.Event(enable_timing=True)
-            copy_done = torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(copy):
-                copy.wait_event(end)  # compute-done before the copy
-                copy_begin.record(copy)
-                buf[:n].copy_(frames, non_blocking=True)
-                copy_done.record(copy)
-            # The allocator must not hand `frames` to the next chunk before the copy reads it.
-            frames.record_stream(copy)
-            copies.append((copy_begin, copy_done))
-            host.ready.put((buf[:n].numpy(), slot, copy_done))
-            report.frames += n
-        ok = True
-    finally:
-        try:
-            host.finish(ok)
-        finally:
-            if not ok:
-                _quiet_sync(copy)
-    torch.cuda.synchronize(device)
-    _account_gpu(spans, report)
-    report.copy_s = sum(b.elapsed_time(e) for b, e in copies) / 1e3
-
-
-def _quiet_sync(stream) -> None:
-    """Wait for `stream` on a failure path, where the original error matters more than this."""
-    try:
-        stream.synchronize()
-    except Exception:  # noqa: BLE001 - a broken CUDA context: the caller is already raising
-        pass
 
 
 class _FreeSlots:
@@ -461,3 +423,4 @@ class _FreeSlots:
 
     def release(self, slot: int):
         self.slots.put(slot)
+

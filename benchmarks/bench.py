@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from actors.pipeline import run_pipeline, to_uint8_frames
+from actors.colour import to_uint8_frames
+from actors.pipeline import run_pipeline
 from actors.sinks import open_sink
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -92,13 +93,13 @@ def variant_a(vae, latents, decoder, device, dtype, path, args) -> dict:
             "peak_gpu_bytes": _peak(device)}
 
 
-def variant_pipeline(decoder, latents, device, path, mode, args, ring=None) -> dict:
+def variant_pipeline(decoder, latents, device, path, depth, args, ring=None) -> dict:
     _reset_peak(device)
     t0 = time.perf_counter()
     z = latents.to(device)
     sink = open_sink("mp4", path, latents.shape[3] * 8, latents.shape[2] * 8, 16, encoder="libx264",
                      crf=args.crf, preset=args.preset, threads=args.encoder_threads)
-    report, result = run_pipeline(decoder.stream(z), sink, mode=mode, depth=args.depth, device=device, ring=ring)
+    report, result = run_pipeline(decoder.stream(z), sink, depth=depth, device=device, ring=ring)
     wall = time.perf_counter() - t0
     d = report.as_dict()
     d.update(wall_s=wall, bytes=result.bytes, peak_gpu_bytes=_peak(device))
@@ -151,12 +152,12 @@ def run(args) -> dict:
             if "a" in variants:
                 row["a"] = variant_a(vae, latents, decoder, device, dtype, out + "-a.mp4", args)
             if "b" in variants:
-                row["b"] = variant_pipeline(decoder, latents, device, out + "-b.mp4", "sync", args)
+                row["b"] = variant_pipeline(decoder, latents, device, out + "-b.mp4", 0, args)
             if "c" in variants:
                 # A worker keeps its pinned ring across shards: warm it as the decoder is warmed.
                 ring = []
-                variant_pipeline(decoder, latents[:, :3], device, out + "-warm.mp4", "async", args, ring)
-                row["c"] = variant_pipeline(decoder, latents, device, out + "-c.mp4", "async", args, ring)
+                variant_pipeline(decoder, latents[:, :3], device, out + "-warm.mp4", args.depth, args, ring)
+                row["c"] = variant_pipeline(decoder, latents, device, out + "-c.mp4", args.depth, args, ring)
             if "d" in variants:
                 row["d"] = variant_d(decoder, latents, device)
             if "c" in row and "d" in row:
@@ -168,7 +169,7 @@ def run(args) -> dict:
             _save(results, args.out)
             if args.long_frames and "c" in variants and size == args.sizes.split(",")[0]:
                 long = torch.randn(16, args.long_frames, height // 8, width // 8, generator=g)
-                c_long = variant_pipeline(decoder, long, device, out + "-long.mp4", "async", args, ring)
+                c_long = variant_pipeline(decoder, long, device, out + "-long.mp4", args.depth, args, ring)
                 results["runs"].append({"dtype": dtype_name, "size": size, "latent_frames": args.long_frames,
                                         "c": c_long,
                                         "peak_ratio_long_over_short": c_long["peak_gpu_bytes"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from actors.decoders import TestPatternDecoder, pattern_latents, read_index
-from actors.pipeline import run_pipeline, to_uint8_frames
+from actors.colour import to_uint8_frames
+from actors.pipeline import run_pipeline
 from actors.sinks import open_sink, read_frames
 from actors.protocol import frames_to_drop, pixel_frames
 
@@ -26,10 +27,10 @@ def test_async_cuda_pipeline_equals_sync(tmp_path, depth):
     decoder = _tiny_decoder()
     latents = torch.randn(16, 9, 16, 16).cuda()
     outs = {}
-    for mode in ("sync", "async"):
+    for mode, ring in (("sync", 0), ("async", depth)):
         path = str(tmp_path / f"{mode}.mkv")
-        report, result = run_pipeline(decoder.stream(latents), open_sink("ffv1", path, 128, 128, 16), mode=mode,
-                                      depth=depth, device="cuda")
+        report, result = run_pipeline(decoder.stream(latents), open_sink("ffv1", path, 128, 128, 16),
+                                      depth=ring, device="cuda")
         assert result.frames == pixel_frames(9)
         assert 0 < report.gpu_utilization <= 1.0 and report.peak_gpu_bytes > 0
         outs[mode] = read_frames(path, "ffv1")

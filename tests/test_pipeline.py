@@ -1,4 +1,4 @@
-"""The frame pipeline on the CPU path: same frames in both modes, errors end the run promptly."""
+"""The frame pipeline on the CPU path: the same frames at every depth (0: synchronous), errors end the run promptly."""
 
 import os
 import threading
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from actors.decoders import TestPatternDecoder, pattern_latents, read_index
-from actors.pipeline import run_pipeline, to_uint8_frames
+from actors.colour import to_uint8_frames
+from actors.pipeline import run_pipeline
 from actors.sinks import open_sink, read_frames
 from actors.protocol import pixel_frames
 
@@ -19,10 +20,10 @@ def _host_threads():
     return [t for t in threading.enumerate() if t.name == "framefarm-host"]
 
 
-def _render(tmp_path, name, mode, latents, drop=0, depth=2, fmt="ffv1"):
+def _render(tmp_path, name, latents, drop=0, depth=2, fmt="ffv1"):
     path = str(tmp_path / name)
     sink = open_sink(fmt, path, W, H, 16)
-    report, result = run_pipeline(TestPatternDecoder().stream(latents), sink, drop=drop, mode=mode, depth=depth)
+    report, result = run_pipeline(TestPatternDecoder().stream(latents), sink, drop=drop, depth=depth)
     return report, result, read_frames(path, fmt)
 
 
@@ -37,8 +38,9 @@ def test_to_uint8_rounds_and_clamps():
 @pytest.mark.parametrize("depth", [1, 2, 4])
 def test_sync_and_async_give_identical_frames(tmp_path, depth):
     latents = pattern_latents(6, H, W)
-    rs, _, sync_frames = _render(tmp_path, "sync.mkv", "sync", latents)
-    ra, _, async_frames = _render(tmp_path, "async.mkv", "async", latents, depth=depth)
+    rs, _, sync_frames = _render(tmp_path, "sync.mkv", latents, depth=0)
+    ra, _, async_frames = _render(tmp_path, "async.mkv", latents, depth=depth)
+    assert (rs.mode, ra.mode) == ("sync", "async")
     assert sync_frames.shape[0] == pixel_frames(6) == rs.frames == ra.frames
     np.testing.assert_array_equal(sync_frames, async_frames)
     assert [read_index(f) for f in async_frames] == list(range(pixel_frames(6)))
@@ -49,7 +51,7 @@ def test_sync_and_async_give_identical_frames(tmp_path, depth):
 
 def test_leading_context_frames_are_dropped(tmp_path):
     latents = pattern_latents(7, H, W)[:, 2:]  # a stream that starts at latent 2 (context)
-    report, result, frames = _render(tmp_path, "tail.mkv", "async", latents, drop=5)
+    report, result, frames = _render(tmp_path, "tail.mkv", latents, drop=5)
     # Latent 2 as a stream's first decodes to one frame, latent 3 to frames 9..12, dropped with it.
     assert [read_index(f) for f in frames] == list(range(13, 25))
     assert report.frames == result.frames == 12
@@ -77,13 +79,13 @@ class _FailingSink:
         self.inner.abort()
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_failing_sink_ends_the_run_with_its_error(tmp_path, mode):
+@pytest.mark.parametrize("depth", [0, 2])
+def test_failing_sink_ends_the_run_with_its_error(tmp_path, depth):
     path = str(tmp_path / "out.mkv")
     sink = _FailingSink(path)
     # Far more chunks than the ring holds: a hang would show as the test never returning.
     with pytest.raises((OSError, RuntimeError), match="No space left"):
-        run_pipeline(TestPatternDecoder().stream(pattern_latents(200, H, W)), sink, mode=mode)
+        run_pipeline(TestPatternDecoder().stream(pattern_latents(200, H, W)), sink, depth=depth)
     assert sink.aborted and not os.path.exists(path)
     assert os.listdir(tmp_path) == []
     assert not _host_threads()
@@ -97,7 +99,7 @@ def test_failing_decoder_aborts_the_sink(tmp_path):
         raise RuntimeError("CUDA error: an illegal memory access")
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        run_pipeline(broken_stream(), open_sink("mp4", path, W, H, 16), mode="async")
+        run_pipeline(broken_stream(), open_sink("mp4", path, W, H, 16))
     assert os.listdir(tmp_path) == []
     assert not _host_threads()
 
@@ -141,7 +143,7 @@ def test_a_stuck_sink_is_aborted_by_its_own_thread_once_its_write_returns(tmp_pa
 
     sink = _StuckSink(str(tmp_path / "out.mkv"))
     with pytest.raises(HostStuck, match=message):
-        run_pipeline(TestPatternDecoder().stream(pattern_latents(latents, H, W)), sink, mode="async",
+        run_pipeline(TestPatternDecoder().stream(pattern_latents(latents, H, W)), sink,
                      join_timeout_s=0.5)
     # The owner gave up but did not touch the sink while a write was in progress ...
     assert sink.events[-1] == "write" and not sink.aborted.is_set()
@@ -210,7 +212,7 @@ def test_backpressure_names_the_host_as_bottleneck(tmp_path, depth):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report, result = run_pipeline(stream(), sink, mode="async", depth=depth, on_backpressure=sink.on_backpressure)
+        report, result = run_pipeline(stream(), sink, depth=depth, on_backpressure=sink.on_backpressure)
     finally:
         torch.set_num_threads(threads)
     assert result.frames == report.frames == pixel_frames(24)
@@ -223,7 +225,7 @@ def test_backpressure_names_the_host_as_bottleneck(tmp_path, depth):
 
 
 def test_gpu_side_yuv420_matches_bt709_reference_values():
-    from actors.pipeline import to_yuv420_frames
+    from actors.colour import to_yuv420_frames
 
     colours = {"white": (1, 1, 1), "black": (-1, -1, -1), "red": (1, -1, -1), "blue": (-1, -1, 1)}
     expect = {"white": (235, 128, 128), "black": (16, 128, 128), "red": (63, 102, 240), "blue": (32, 240, 118)}
@@ -239,7 +241,7 @@ def test_gpu_side_yuv420_matches_bt709_reference_values():
 
 def test_mp4_from_gpu_yuv_reads_back_like_the_rgb_path(tmp_path):
     latents = pattern_latents(4, H, W)
-    report, result, frames = _render(tmp_path, "yuv.mp4", "async", latents, fmt="mp4")
+    report, result, frames = _render(tmp_path, "yuv.mp4", latents, fmt="mp4")
     assert [read_index(f) for f in frames] == list(range(pixel_frames(4)))
     # The same frames through the host-side (swscale) conversion: decoded pixels agree closely.
     sink = open_sink("mp4", str(tmp_path / "rgb.mp4"), W, H, 16)

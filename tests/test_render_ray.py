@@ -16,7 +16,7 @@ import ray
 import torch
 
 from actors.decoders import pattern_latents, read_index
-from actors.pipeline import to_uint8_frames
+from actors.colour import to_uint8_frames
 from actors.sinks import read_frames
 from actors.wan import load_wan_decoder
 from cluster.api import render, submit

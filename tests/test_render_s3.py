@@ -75,7 +75,7 @@ def test_weights_from_s3(s3_ray, tiny_wan_dir, tmp_path):
     s3, bucket = s3_ray
     for name in os.listdir(tiny_wan_dir):
         s3.upload_file(os.path.join(tiny_wan_dir, name), bucket, f"models/tiny-wan/{name}")
-    from actors.pipeline import to_uint8_frames
+    from actors.colour import to_uint8_frames
     from actors.wan import load_wan_decoder
 
     import numpy as np
