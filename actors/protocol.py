@@ -184,7 +184,6 @@ class RenderSpec(BaseModel):
     crf: int = Field(18, ge=0, le=51, description="H.264 quality (lower is better, larger)")
     preset: str = Field("veryfast", description="libx264 preset")
     encoder_threads: int = Field(0, ge=0, description="libx264 threads; 0 lets it choose by core count")
-    pipeline: Literal["async", "sync"] = Field("async", description="the frame pipeline's mode")
     depth: int = Field(2, ge=1, le=16, description="pinned host buffers in the frame pipeline's ring")
     max_attempts: int = Field(3, ge=1, description="tries per shard before the job fails")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
@@ -239,7 +238,6 @@ class ShardTask:
     crf: int = 18
     preset: str = "veryfast"
     encoder_threads: int = 0
-    pipeline: str = "async"
     context_mode: str = "pruned"
     depth: int = 2
     attempt: int = 1

@@ -282,7 +282,7 @@ class ShardWorker:
         sink = open_sink(task.format, local, width, height, task.fps, encoder=encoder,
                          crf=task.crf, preset=task.preset, threads=task.encoder_threads)
         pipeline_started = time.time()
-        report, result = run_pipeline(chunks, sink, drop=drop, depth=0 if task.pipeline == "sync" else task.depth,
+        report, result = run_pipeline(chunks, sink, drop=drop, depth=task.depth,
                                       device=self.device, ring=self._ring)
         pipeline_ended = time.time()
         committed = False

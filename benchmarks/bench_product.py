@@ -92,7 +92,7 @@ def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dic
     for i in range(args.runs):
         task = ShardTask(job_id="bench-product", shard=Shard(0, 0, t, 0), output_uri=workdir,
                          segment_key=f"product-{i}.mp4", decoder=spec, format="mp4", fps=16, encoder="libx264",
-                         crf=18, preset="veryfast", pipeline="async", context_mode="pruned",
+                         crf=18, preset="veryfast", context_mode="pruned",
                          compile_cache=cache)
         meta = worker.render_shard(task, latents)
         runs.append(_row("product", i, meta["pipeline_ended"] - meta["pipeline_started"], meta["report"],
@@ -117,7 +117,7 @@ def old_path(args, latents: torch.Tensor, workdir: str, device: torch.device) ->
         sink = open_sink("mp4", path, args.width, args.height, 16, encoder="libx264", crf=18, preset="veryfast",
                          threads=0)
         t = time.perf_counter()
-        report, result = run_pipeline(ref.stream(on_device), sink, mode="async", depth=2, device=device)
+        report, result = run_pipeline(ref.stream(on_device), sink, depth=2, device=device)
         wall = time.perf_counter() - t
         runs.append(_row("old", i, wall, report.as_dict(), result.frames, result.bytes))
     del ref, on_device

@@ -275,7 +275,7 @@ class RenderJob:
                         job_id=job_id, shard=shard, output_uri=spec.output,
                         segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,
                         format=spec.format, fps=spec.fps, encoder=encoder, crf=spec.crf,
-                        preset=spec.preset, encoder_threads=spec.encoder_threads, pipeline=spec.pipeline,
+                        preset=spec.preset, encoder_threads=spec.encoder_threads,
                         context_mode=spec.context_mode, depth=spec.depth, attempt=attempt,
                         compile_cache=self.compile_cache)
                     inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
