@@ -28,8 +28,12 @@ class Decoder(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Decode CTHW latents with a fresh cache; yield CFHW chunks on `device`, in order."""
+    def stream(self, latents: torch.Tensor, context: int = 0) -> Iterator[torch.Tensor]:
+        """Decode CTHW latents with a fresh cache; yield CFHW chunks on `device`, in order.
+
+        The first `context` latents are left context only: they warm the cache and yield
+        nothing; the chunks after them are those of a stream over all of `latents`.
+        """
         ...
 
     def peak_memory_bytes(self, height: int, width: int) -> int:
@@ -70,7 +74,7 @@ class TestPatternDecoder:
     def peak_memory_bytes(self, height: int, width: int) -> int:
         return 8 * 3 * height * width * 4
 
-    def stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def stream(self, latents: torch.Tensor, context: int = 0) -> Iterator[torch.Tensor]:
         _, t, h, w = latents.shape
         height, width = h * self.spatial_scale, w * self.spatial_scale
         history: deque[float] = deque(maxlen=self.receptive_field)  # the causal cache
@@ -80,6 +84,8 @@ class TestPatternDecoder:
             history.append(frame[1].mean().item())
             # Missing history (before the stream began) counts as zero, as Wan pads with zeros.
             tint = sum(history) / self.receptive_field
+            if i < context:
+                continue
             if i == 0:
                 # A stream's first latent decodes to one frame, as in Wan.
                 indices = [frame_start(latent_index) + (3 if latent_index > 0 else 0)]

@@ -1,353 +1,535 @@
-"""The Wan VAE decoder (Wan 2.1 VAE and Wan 2.2 TI2V-5B VAE) as a streaming `Decoder`.
+"""The Wan VAE decoder (Wan 2.1 VAE, Wan 2.2 TI2V VAE): one explicit streaming step over explicit state.
 
-We drive diffusers' `AutoencoderKLWan` modules ourselves, one latent frame per call,
-instead of calling `vae.decode()`: that concatenates every chunk on the device (memory
-grows with the video's length) and keeps its causal cache in shared module state
-(`_feat_map`), so two streams on one model would corrupt each other. Here each stream
-owns its cache in a `DecodeState`, and only `post_quant_conv` and `decoder` are used.
+`WanDecoder.step(state, latent)` decodes one normalized latent frame (CHW) into pixel
+frames (CFHW in [-1, 1]: 1 frame on a stream's first call, 4 after), continuing the
+stream whose causal history `state` (a `StreamState`) holds: per causal convolution, its
+last 2 input frames. The forward pass is written out here, layer by layer in diffusers'
+order, over the weights of diffusers' `AutoencoderKLWan` (the weight format, the loader
+and the test reference); its structure comes from `actors.wan_topology`, which also
+gives the receptive field, the context depths and the cost model.
 
-The temporal receptive field (latent frames of left context that make a shard decoded
-with a fresh cache equal to the monolithic decode) is derived from the module topology
-in `stage_receptive_fields` / `receptive_field`, not hard-coded: tests check it against
-the experiment, and it comes out at 38 for the real Wan VAEs.
+Pruned context is the same step told to run only its first `convs` causal convolutions:
+a context latent warms the history of the convs that a shard's first frames depend on
+(`wan_topology.Topology.context_depths`) and returns nothing.
+
+Options (`DecoderOptions`, defaults by device: the fastest measured on CUDA, eager on CPU):
+- `channels_last`: weights, buffers and activations channels-last, where cuDNN's bf16
+  convolutions run fastest and the norms' channel reductions are contiguous;
+- `conv_buffer`: each causal conv owns a buffer of [2 history frames + a steady step's
+  input]; the norm before it writes into the buffer, the conv reads it with its own
+  spatial padding, the last 2 frames then move to the front: no concatenation, clone or
+  padded copy per step, and fixed addresses, which CUDA graphs need;
+- `compile`: the elementwise work between convolutions (residual add + norm + SiLU into
+  the next buffer, time interleave + nearest upsample, attention, output) as small
+  `torch.compile`d regions; the convolutions stay cuDNN calls. Regional: compiling the
+  whole decoder hit dynamo's recompile limit (DESIGN.md);
+- `cuda_graphs`: a stream's steady step captured once and replayed (needs `conv_buffer`).
+A stream's first call and pruned-context calls always run eagerly (once per stream).
+
+Precision. The RMS norm, its gain and the SiLU are computed in fp32 and rounded once (the
+reduction read straight from the input): diffusers rounds the normalized value to the
+dtype before the gain, so in bf16 this is more accurate, in fp32 the same within
+rounding. In fp32 the step turns TF32 off for its convolutions and matmuls (cuDNN's
+default allows TF32 for fp32 convs, which costs about 1e-3 of relative error and made
+the old GPU tests fail at 9.2e-4): fp32 means diffusers' fp32 decode within 1e-5. bf16
+is the fast mode and is not affected.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
+import contextlib
+import dataclasses
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import (
-    AutoencoderKLWan,
-    WanAttentionBlock,
-    WanCausalConv3d,
-    WanDecoder3d,
-    WanResample,
-    unpatchify,
-)
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
-from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, decoder_vae, read_wan_vae  # noqa: F401
-
-CACHE_FRAMES = 2  # diffusers' CACHE_T: every cached conv keeps its last 2 input frames
-_ACTIVATION_UNITS = 8  # live tensors around the peak conv, in units of its input (measured 7.5)
-
-
-# ---------------------------------------------------------------------------------------
-# Topology: what the decoder does along time and space, read off its modules.
+from actors.wan_topology import CACHE_FRAMES, Layer, Res, Topology, Up, topology, variant_name
+from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_wan_vae  # noqa: F401
+EPS = 1e-12  # F.normalize's: a zero vector stays zero, as in diffusers
+# A probe sees (event, stage): "stage" where a stage begins, "conv" / "glue" around each
+# convolution, "end" after the step's last kernel (benchmarks time these with CUDA events).
+Probe = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
-class _Op:
-    """One step of the decoder's forward pass that matters for time, space or cost."""
+class DecoderOptions:
+    channels_last: bool = False
+    conv_buffer: bool = True
+    compile: bool = False
+    compile_mode: str = "default"  # or "max-autotune-no-cudagraphs"
+    cuda_graphs: bool = False
+    graph_warmup: int = 2  # steady eager steps before a stream's capture (cuDNN autotune, compile)
 
-    kind: str  # "conv3d" | "time_up" | "space_up" | "conv2d" | "attention"
-    time_scale: int  # frames per latent frame at the op's input
-    spatial_scale: int  # pixels per latent pixel at the op's input (before unpatchify)
-    in_channels: int = 0
-    out_channels: int = 0
-    kernel: tuple[int, ...] = ()
-    cached: bool = False  # a causal conv that reads the stream's cache
-    time_conv: bool = False  # a time upsampler's conv: skipped on a stream's first call
-    module: Any = field(default=None, compare=False, repr=False)
+    def __post_init__(self):
+        if self.cuda_graphs and not self.conv_buffer:
+            raise ValueError("cuda_graphs needs conv_buffer: a graph replays on fixed buffer addresses")
+        if self.graph_warmup < 1:
+            raise ValueError("graph_warmup must be >= 1: a capture must not be a kernel's first run")
 
-
-def _decoder_ops(decoder: WanDecoder3d) -> list[_Op]:
-    """The decoder's ops in forward order.
-
-    Module registration order is forward order for everything that touches time, with two
-    exceptions handled here: inside a `WanResample` the time conv runs before the spatial
-    upsample although it is registered after it, and a residual block's 1x1x1
-    `conv_shortcut` (registered last, run first) is on a parallel path with no temporal
-    reach. Anything this walk does not understand raises rather than guessing.
-    """
-    ops: list[_Op] = []
-    scale = {"t": 1, "s": 1}
-
-    def conv3d(m: WanCausalConv3d, cached: bool, time_conv: bool = False) -> None:
-        ops.append(_Op("conv3d", scale["t"], scale["s"], m.in_channels, m.out_channels,
-                       tuple(m.kernel_size), cached, time_conv, m))
-
-    def visit(m: torch.nn.Module) -> None:
-        if isinstance(m, WanResample):
-            if m.mode not in ("upsample2d", "upsample3d"):
-                raise ValueError(f"unexpected resample mode {m.mode!r} in a Wan decoder")
-            if m.mode == "upsample3d":
-                # Each input frame after a stream's first becomes 2 (the time conv doubles the
-                # channels, then they are interleaved along time).
-                conv3d(m.time_conv, cached=True, time_conv=True)
-                ops.append(_Op("time_up", scale["t"], scale["s"], kernel=(2,)))
-                scale["t"] *= 2
-            ops.append(_Op("space_up", scale["t"], scale["s"], kernel=(2,)))
-            scale["s"] *= 2
-            conv = m.resample[-1]
-            if not isinstance(conv, torch.nn.Conv2d):
-                raise ValueError(f"unexpected upsampler layout in a Wan decoder: {m.resample}")
-            ops.append(_Op("conv2d", scale["t"], scale["s"], conv.in_channels, conv.out_channels,
-                           tuple(conv.kernel_size)))
-            return
-        if isinstance(m, WanAttentionBlock):
-            ops.append(_Op("attention", scale["t"], scale["s"], m.dim, m.dim))
-            return
-        if isinstance(m, WanCausalConv3d):
-            # Only convs with a temporal kernel are called with the cache; the 1x1x1
-            # shortcut convs are not.
-            conv3d(m, cached=m.kernel_size[0] > 1)
-            return
-        for child in m.children():
-            visit(child)
-
-    visit(decoder)
-    return ops
-
-
-@dataclass(frozen=True)
-class StageReach:
-    """The decoder's causal convs that run at one (time, space) resolution."""
-
-    time_scale: int  # frames per latent frame here: 1, 2, 4
-    spatial_scale: int  # pixels per latent pixel here (before unpatchify)
-    causal_convs: int  # convs with a temporal kernel > 1 (a time upsampler's counts where it reads)
-    reach: int  # sum of (kernel_t - 1): frames of left context they need, at this stage's rate
-
-
-def stage_receptive_fields(decoder: WanDecoder3d) -> list[StageReach]:
-    """Per-stage temporal reach of the decoder, in forward order."""
-    stages: list[StageReach] = []
-    for op in _decoder_ops(decoder):
-        if op.kind != "conv3d" or op.kernel[0] <= 1:
-            continue
-        if not stages or (stages[-1].time_scale, stages[-1].spatial_scale) != (op.time_scale, op.spatial_scale):
-            stages.append(StageReach(op.time_scale, op.spatial_scale, 0, 0))
-        last = stages[-1]
-        stages[-1] = StageReach(last.time_scale, last.spatial_scale, last.causal_convs + 1,
-                                last.reach + op.kernel[0] - 1)
-    return stages
-
-
-def first_exact_frame(decoder: WanDecoder3d) -> int:
-    """First output frame of a fresh-cache stream that equals the monolithic decode.
-
-    Counted from the stream's start, for a stream that starts after latent 0 (a stream
-    from latent 0 is the monolithic decode). Tracks, through the forward pass, the first
-    frame index at the current rate from which the activations are exact:
-    - a causal conv with temporal kernel k reads k-1 earlier frames at its rate, which
-      before the stream's start are zeros instead of the true history: +k-1;
-    - a time upsampler by f leaves a stream's first frame as one frame and never feeds it
-      to its time conv (diffusers' "Rep" cache: it reads zeros in its place), so input
-      frame t >= 1 becomes output frames f(t-1)+1 .. f*t and frame 0 is never exact;
-    - norms, attention, spatial upsampling and unpatchify are per frame: +0.
-    """
-    exact = 0
-    for op in _decoder_ops(decoder):
-        if op.kind == "conv3d":
-            exact += op.kernel[0] - 1
-        elif op.kind == "time_up":
-            f = op.kernel[0]
-            exact = f * (max(exact, 1) - 1) + 1
-    return exact
-
-
-def _time_scale(decoder: WanDecoder3d) -> int:
-    return math.prod(op.kernel[0] for op in _decoder_ops(decoder) if op.kind == "time_up")
-
-
-def receptive_field(decoder: WanDecoder3d) -> int:
-    """Latent frames of left context K that make a fresh-cache shard exact.
-
-    A stream that starts at latent c yields 1 frame for latent c and frames F(k-1)+1 .. Fk
-    for latent c+k (F = total time upsampling), so latent c+k is exact once
-    F(k-1)+1 >= first_exact_frame. At least 1: a shard's first latent always decodes to a
-    single (wrong) frame.
-    """
-    f = _time_scale(decoder)
-    exact = first_exact_frame(decoder)
-    return max(1, math.ceil((exact - 1) / f) + 1)
-
-
-# ---------------------------------------------------------------------------------------
-# The streaming decoder
-
-
-def check_cthw(latents: torch.Tensor, z_dim: int) -> None:
-    """Called where a stream is made, not inside its generator, so bad input fails at the call."""
-    if latents.dim() != 4 or latents.shape[0] != z_dim:
-        raise ValueError(f"expected CTHW latents with {z_dim} channels, got {tuple(latents.shape)}")
-
-
-def steps(decoder, state, latents: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
-    """Decoder steps over latent frames start.. of CTHW `latents`, continuing `state`."""
-    for i in range(start, latents.shape[1]):
-        yield decoder.step(state, latents[:, i])
+    @classmethod
+    def for_device(cls, device: str | torch.device) -> DecoderOptions:
+        """CUDA: the fastest measured (85 ms against diffusers' 188 per steady 720p latent, H200,
+        bf16); elsewhere eager (compiling costs minutes on a small CPU)."""
+        if torch.device(device).type == "cuda":
+            return cls(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True)
+        return cls()
 
 
 @dataclass
-class DecodeState:
-    """The causal cache of one stream: diffusers' `feat_cache` list, owned by the caller.
+class StreamState:
+    """One stream's causal history: per causal conv (by slot), its buffer or its last 2 input frames."""
 
-    Each entry is the last 2 input frames of one causal conv, or "Rep" for a time
-    upsampler that has seen only the stream's first frame, or None before the first call.
-    """
-
-    cache: list[Any]
-    calls: int = 0  # latent frames decoded so far; the first call is special
+    history: list[torch.Tensor | None]
+    calls: int = 0  # latent frames taken, context included; the first call is special
+    full_steps: int = 0  # steady steps run eagerly in full (a CUDA graph is captured after some)
+    latent_size: tuple[int, int] | None = None
+    graph: Any = None
+    static_in: torch.Tensor | None = None
+    static_out: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for t in self.history if t is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Elementwise regions: pure functions of tensors (plus `out` views they fill), so that the
+# same code runs eagerly or compiled, one compiled graph serving every layer of a shape.
+# Activations travel as (a, b) pairs, b a pending residual (or None), so that a block's
+# residual add fuses into whatever reads it next.
+
+
+def _norm(s: torch.Tensor, gamma: torch.Tensor, dim: int) -> torch.Tensor:
+    """RMS norm over `dim` times the gain (sqrt(C) folded in), in fp32: nothing rounded yet."""
+    inv = torch.linalg.vector_norm(s, dim=dim, keepdim=True, dtype=torch.float32).clamp_min(EPS).reciprocal()
+    return s * inv * gamma
+
+
+def _norm_act(a, b, gamma, out):
+    """s = a + b; silu(norm(s)) into `out` (or a new tensor). Returns (s, activated)."""
+    s = a if b is None else a + b
+    n = F.silu(_norm(s, gamma, 1))
+    if out is None:
+        return s, n.to(s.dtype)
+    out.copy_(n)
+    return s, out
+
+
+def _add_into(a, b, out):
+    s = a if b is None else a + b
+    if out is None:
+        return s
+    out.copy_(s)
+    return out
+
+
+def _up_frames(a, b, time_split: bool, cl: bool) -> torch.Tensor:
+    """(1, C', T, H, W) -> (T', C, 2H, 2W) frames, nearest 2x, in one copy.
+
+    With `time_split` the input is a time upsampler's conv output: C' = 2C, and frame 2t+i
+    is channels [iC, (i+1)C) of frame t (diffusers' reshape-and-stack). Nearest-exact at
+    scale 2 repeats each pixel, in any dtype.
+    """
+    x = a if b is None else a + b
+    _, c, t, h, w = x.shape
+    if cl:
+        p = x[0].permute(1, 2, 3, 0)  # T, H, W, C': a view of channels-last memory
+        if time_split:
+            c //= 2
+            q = p.reshape(t, h, w, 2, c).permute(0, 3, 1, 2, 4)[:, :, :, None, :, None, :]
+            q = q.expand(t, 2, h, 2, w, 2, c).reshape(2 * t, 2 * h, 2 * w, c)
+        else:
+            q = p[:, :, None, :, None, :].expand(t, h, 2, w, 2, c).reshape(t, 2 * h, 2 * w, c)
+        return q.permute(0, 3, 1, 2)  # channels-last NCHW frames, no copy
+    p = x[0]
+    if time_split:
+        c //= 2
+        q = p.reshape(2, c, t, h, w).permute(2, 0, 1, 3, 4)[..., :, None, :, None]
+        return q.expand(t, 2, c, h, 2, w, 2).reshape(2 * t, c, 2 * h, 2 * w)
+    q = p.permute(1, 0, 2, 3)[:, :, :, None, :, None]
+    return q.expand(t, c, h, 2, w, 2).reshape(t, c, 2 * h, 2 * w)
+
+
+def _attention(a, b, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Tensor:
+    """diffusers' WanAttentionBlock: per frame, one head over all H x W positions, plus identity.
+    The 1x1 convs as matmuls over (positions, channels) rows."""
+    x = a if b is None else a + b
+    _, c, t, h, w = x.shape
+    rows = x[0].permute(1, 2, 3, 0).reshape(t, h * w, c)
+    n = _norm(rows, gamma, -1).to(x.dtype)
+    q, k, v = F.linear(n, w_qkv, b_qkv).unsqueeze(1).chunk(3, dim=-1)
+    o = F.linear(F.scaled_dot_product_attention(q, k, v).squeeze(1), w_proj, b_proj) + rows
+    out = o.reshape(t, h, w, c).permute(3, 0, 1, 2).unsqueeze(0)
+    return out if cl else out.contiguous()
+
+
+def _dup(a, b, cout: int, f_t: int, f_s: int, first: bool, cl: bool) -> torch.Tensor:
+    """diffusers' DupUp3D: channels repeated, then moved into f_t frames and f_s x f_s pixels;
+    a stream's first call keeps its last frame only."""
+    x = a if b is None else a + b
+    _, cin, t, h, w = x.shape
+    x = x.repeat_interleave(cout * f_t * f_s * f_s // cin, dim=1)
+    x = x.view(1, cout, f_t, f_s, f_s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    x = x.reshape(1, cout, t * f_t, h * f_s, w * f_s)
+    if first:
+        x = x[:, :, f_t - 1 :]
+    return x.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+
+
+def _finish(y: torch.Tensor, patch: int) -> torch.Tensor:
+    """(1, C, F, H, W) conv output -> contiguous CFHW in [-1, 1], unpatchified as diffusers does."""
+    if patch > 1:
+        _, cp, f, h, w = y.shape
+        y = y.reshape(1, cp // patch ** 2, patch, patch, f, h, w).permute(0, 1, 4, 5, 3, 6, 2)
+        y = y.reshape(1, cp // patch ** 2, f, h * patch, w * patch)
+    return y.clamp(-1.0, 1.0)[0].contiguous()
+
+
+@dataclass(frozen=True)
+class _Fns:
+    norm_act: Any
+    add_into: Any
+    up_frames: Any
+    attention: Any
+    dup: Any
+    finish: Any
+
+
+_EAGER = _Fns(_norm_act, _add_into, _up_frames, _attention, _dup, _finish)
+# Compiled regions by mode, shared by every decoder of the process: dynamo keys its cache on
+# the code object and the backend, so decoders compiling their own would each recompile.
+_COMPILED: dict[str, _Fns] = {}
+
+
+def compiled_fns(mode: str) -> _Fns:
+    if mode not in _COMPILED:
+        cfg = torch._dynamo.config  # one graph per (region, shapes): about 20, more than the default 8
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(int(getattr(cfg, name)), 256))
+        _COMPILED[mode] = _Fns(*(torch.compile(fn, mode=mode, dynamic=False, fullgraph=True)
+                                 for fn in dataclasses.astuple(_EAGER)))
+    return _COMPILED[mode]
+
+
+def _shift(view: torch.Tensor, t: int) -> None:
+    """Move the last CACHE_FRAMES frames of a buffer to its front: the next step's history."""
+    if t >= CACHE_FRAMES:
+        view[:, :, :CACHE_FRAMES].copy_(view[:, :, t : t + CACHE_FRAMES])
+    else:
+        for i in range(CACHE_FRAMES):  # overlapping ranges: frame by frame, front first
+            view[:, :, i].copy_(view[:, :, i + t])
+
+
+@contextlib.contextmanager
+def _ieee_fp32(active: bool):
+    """TF32 off for convolutions and matmuls while an fp32 step runs (see the module docstring)."""
+    if not active:
+        yield
+        return
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = saved
+
+
+class _Stop(Exception):
+    """The rest of this step serves only convs that this (pruned-context) step does not run."""
+
+
+# ---------------------------------------------------------------------------------------
+# One step
+
+
+class _Step:
+    """One call of the decoder's forward over one latent frame, cut before slot `limit`."""
+
+    def __init__(self, dec: WanDecoder, st: StreamState, first: bool, limit: int, fns: _Fns, probe: Probe | None):
+        self.dec, self.st, self.first, self.limit, self.f, self.probe = dec, st, first, limit, fns, probe
+        self.cl = dec.options.channels_last
+        self.stage = -1
+
+    def need(self, x: Layer) -> None:
+        if x.pays >= self.limit:
+            raise _Stop
+        if self.probe is not None and x.stage != self.stage:
+            self.stage = x.stage
+            self.probe("stage", x.stage)
+
+    def conv(self, x: Layer, inp: torch.Tensor, padding=0) -> torch.Tensor:
+        w, b = self.dec.weights[x.name]
+        if self.probe is not None:
+            self.probe("conv", x.stage)
+        y = (F.conv3d if len(x.kernel) == 3 else F.conv2d)(inp, w, b, padding=padding)
+        if self.probe is not None:
+            self.probe("glue", x.stage)
+        return y
+
+    def run(self, z: torch.Tensor) -> torch.Tensor:
+        dec, top = self.dec, self.dec.topology
+        self.need(top.post_quant)
+        # WanPipeline's un-normalization, in the decoder's dtype.
+        x = (z / dec.inv_std + dec.mean)[None, :, None].contiguous(memory_format=dec.fmt5)
+        x = self.conv(top.post_quant, x)
+        act = (self.causal(top.conv_in, (x, None), None)[0], None)
+        res0, attn, res1 = top.mid
+        act = self.res(res0, act)
+        self.need(attn)
+        act = (self.f.attention(*act, *dec.weights[attn.name], self.cl), None)
+        act = self.res(res1, act)
+        for up in top.ups:
+            block_in = act
+            for r in up.resnets:
+                act = self.res(r, act)
+            if up.conv2d is not None:
+                act = (self.upsample(up, act), None)
+            if up.dup is not None:
+                self.need(up.dup)
+                short = self.f.dup(*block_in, up.dup.out_channels, *up.dup.kernel, self.first, self.cl)
+                act = (act[0], short)  # added by the next reader, as diffusers adds it here
+        y, _ = self.causal(top.conv_out, act, top.norm_out)
+        out = self.f.finish(y, top.patch_size)
+        if self.probe is not None:
+            self.probe("end", top.conv_out.stage)
+        return out
+
+    def res(self, r: Res, act):
+        y, s = self.causal(r.conv1, act, r.norm1)
+        h = s if r.shortcut is None else self.conv(r.shortcut, s)
+        y, _ = self.causal(r.conv2, (y, None), r.norm2)
+        return (y, h)  # the residual add is left to the next reader
+
+    def upsample(self, up: Up, act) -> torch.Tensor:
+        if up.time_conv is not None and not self.first:
+            # On a stream's first call diffusers marks the time conv "Rep" and skips it: its
+            # history stays zeros, exactly a fresh buffer's.
+            y, _ = self.causal(up.time_conv, act, None)
+            self.need(up.conv2d)
+            frames = self.f.up_frames(y, None, True, self.cl)
+        else:
+            self.need(up.conv2d)
+            frames = self.f.up_frames(*act, False, self.cl)
+        out = self.conv(up.conv2d, frames, padding=1)  # (T, C, 2H, 2W)
+        return out.permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, T, 2H, 2W): channels-last 3-D if cl
+
+    def causal(self, x: Layer, act, norm: Layer | None):
+        """A causal conv over [its 2 history frames, the new ones]; returns (output, a + b).
+
+        Its input is silu(norm(a + b)) with `norm`, else a + b.
+        """
+        self.need(x)
+        dec, a, b = self.dec, *act
+        t = a.shape[2]
+        gamma = dec.weights[norm.name] if norm is not None else None
+        pad = (0, x.kernel[1] // 2, x.kernel[2] // 2)
+        hist = self.st.history[x.slot]
+        if dec.options.conv_buffer:
+            if hist is None:  # zeros stand for the frames before the stream began, as in diffusers
+                shape = (1, a.shape[1], CACHE_FRAMES + x.time_scale, a.shape[3], a.shape[4])
+                hist = torch.zeros(shape, device=dec.device, dtype=dec.dtype).contiguous(memory_format=dec.fmt5)
+                self.st.history[x.slot] = hist
+            view = hist if t == x.time_scale else hist[:, :, : CACHE_FRAMES + t]
+            dst = view[:, :, CACHE_FRAMES:]
+            s = self.f.norm_act(a, b, gamma, dst)[0] if norm is not None else self.f.add_into(a, b, dst)
+            y = self.conv(x, view, pad)
+            _shift(view, t)
+            return y, s
+        s, n = self.f.norm_act(a, b, gamma, None) if norm is not None else (None, self.f.add_into(a, b, None))
+        n = F.pad(n, (0, 0, 0, 0, CACHE_FRAMES, 0)) if hist is None else torch.cat([hist, n], dim=2)
+        self.st.history[x.slot] = n[:, :, -CACHE_FRAMES:].clone()
+        return self.conv(x, n, pad), s
+
+
+# ---------------------------------------------------------------------------------------
+# The decoder
 
 
 class WanDecoder:
-    """A `Decoder` over diffusers' Wan VAE: one latent frame per call, one cache per stream."""
+    """A `Decoder` (actors/decoders.py) over a Wan VAE's decoder weights.
 
-    def __init__(self, vae: AutoencoderKLWan, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        config = dict(vae.config)
-        self.config = config
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.z_dim = int(config["z_dim"])
-        self.patch_size = config.get("patch_size") or 1
-        # Only what decoding needs goes to the device; the encoder stays where it was.
-        self.post_quant_conv = vae.post_quant_conv.to(self.device, dtype).eval().requires_grad_(False)
-        self.decoder = vae.decoder.to(self.device, dtype).eval().requires_grad_(False)
-        self.name = _variant_name(config)
+    `config` is the VAE's config.json (a diffusers `AutoencoderKLWan` config); `weights`
+    holds at least every `decoder.*` and `post_quant_conv.*` tensor of its state dict
+    (others, the encoder's, are ignored), each checked against the topology. `options`
+    None: `DecoderOptions.for_device(device)`.
+    """
 
-        ops = _decoder_ops(self.decoder)
-        self.time_scale = _time_scale(self.decoder)
-        self.spatial_scale = math.prod(op.kernel[0] for op in ops if op.kind == "space_up") * self.patch_size
-        self.receptive_field = receptive_field(self.decoder)
-        self.first_exact_frame = first_exact_frame(self.decoder)
-        self._ops = ops
-        # Same slot count as diffusers' `_cached_conv_counts["decoder"]`: one per causal conv,
-        # the uncached 1x1x1 shortcuts included, because the decoder indexes slots in that order.
-        self._cache_slots = sum(isinstance(m, WanCausalConv3d) for m in self.decoder.modules())
-        # diffusers' Wan 2.1 decoder ignores first_chunk, the Wan 2.2 one needs it (its
-        # DupUp3D shortcut must drop frames on a stream's first call); older releases lack it.
-        self._takes_first_chunk = "first_chunk" in inspect.signature(self.decoder.forward).parameters
-        if self.patch_size > 1 and not self._takes_first_chunk:
-            raise ValueError("this diffusers release cannot decode patchified (Wan 2.2) VAEs streaming")
-        mean = torch.tensor(config["latents_mean"], dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(config["latents_std"], dtype=torch.float32).view(-1, 1, 1)
+    def __init__(self, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 options: DecoderOptions | None = None):
+        self.config = dict(config)
+        self.device, self.dtype = torch.device(device), dtype
+        self.options = DecoderOptions.for_device(self.device) if options is None else options
+        if self.options.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.topology: Topology = topology(self.config)
+        top = self.topology
+        self.name = variant_name(self.config)
+        self.z_dim, self.spatial_scale, self.time_scale = top.z_dim, top.spatial_scale, top.time_scale
+        self.receptive_field, self.first_exact_frame = top.receptive_field, top.first_exact_frame
+        self.fmt5 = torch.channels_last_3d if self.options.channels_last else torch.contiguous_format
+        self.weights = self._load(weights)
+        mean = torch.tensor(self.config["latents_mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.config["latents_std"], dtype=torch.float32).view(-1, 1, 1)
         if mean.shape[0] != self.z_dim or std.shape[0] != self.z_dim:
             raise ValueError(f"latents_mean/std have {mean.shape[0]}/{std.shape[0]} entries, z_dim is {self.z_dim}")
-        # Cast the way WanPipeline does: std to the VAE dtype first, its reciprocal in that
-        # dtype, then latents / (1/std) + mean. In bf16 the order of the cast and the
-        # reciprocal changes one rounding in six values; this order matches the pipeline's
-        # own decode bit for bit.
-        self._mean = mean.to(self.device, dtype)
-        self._inv_std = 1.0 / std.to(self.device, dtype)
+        # WanPipeline's order: std to the dtype, its reciprocal in the dtype, then
+        # latents / (1/std) + mean; in bf16 this matches the pipeline's own decode bit for bit.
+        self.mean = mean.to(self.device, dtype)
+        self.inv_std = 1.0 / std.to(self.device, dtype)
+        self._fns = compiled_fns(self.options.compile_mode) if self.options.compile else _EAGER
+
+    @classmethod
+    def from_vae(cls, vae: AutoencoderKLWan, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, options: DecoderOptions | None = None) -> WanDecoder:
+        return cls(vae.config, vae.state_dict(), device=device, dtype=dtype, options=options)
 
     def __repr__(self) -> str:
-        return (f"WanDecoder({self.name}, z_dim={self.z_dim}, spatial_scale={self.spatial_scale}, "
-                f"receptive_field={self.receptive_field}, device={self.device}, dtype={self.dtype})")
+        return (f"WanDecoder({self.name}, receptive_field={self.receptive_field}, {self.options}, "
+                f"device={self.device}, dtype={self.dtype})")
 
-    # -- streaming -----------------------------------------------------------------------
+    def _load(self, weights: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+        """Per layer name, its tensors on the device, in the step's layout; every decoder weight
+        must be used, with the topology's shape."""
+        used: set[str] = set()
 
-    def unnormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (channels first, any trailing dims) -> what the decoder takes."""
-        shape = (-1,) + (1,) * (z.dim() - 1)
-        return z / self._inv_std.view(shape) + self._mean.view(shape)
+        def get(key: str, shape: tuple[int, ...], fmt=None, dtype=None) -> torch.Tensor:
+            if key not in weights:
+                raise ValueError(f"Wan VAE weights lack {key!r} (the config describes another decoder)")
+            t = weights[key]
+            if t.numel() != torch.Size(shape).numel() or t.shape[0] != shape[0]:
+                raise ValueError(f"Wan VAE weight {key} has shape {tuple(t.shape)}, the config implies {shape}")
+            used.add(key)
+            t = t.detach().reshape(shape).to(self.device, dtype or self.dtype)
+            return t.contiguous(memory_format=fmt) if fmt is not None else t
 
-    def new_state(self) -> DecodeState:
-        return DecodeState(cache=[None] * self._cache_slots)
+        out: dict[str, tuple] = {}
+        fmt4 = torch.channels_last if self.options.channels_last else None
+        for x in self.topology.layers:
+            if x.kind in ("conv", "conv2d"):
+                fmt = (self.fmt5 if x.kind == "conv" else fmt4) if self.options.channels_last else None
+                out[x.name] = (get(f"{x.name}.weight", (x.out_channels, x.in_channels, *x.kernel), fmt),
+                               get(f"{x.name}.bias", (x.out_channels,)))
+            elif x.kind == "norm":  # gain in fp32 with sqrt(C) folded in, shaped for NCTHW
+                c = x.in_channels
+                out[x.name] = get(f"{x.name}.gamma", (c, 1, 1, 1), dtype=torch.float32).view(1, c, 1, 1, 1) * c ** 0.5
+            elif x.kind == "attention":
+                c = x.in_channels
+                out[x.name] = (get(f"{x.name}.norm.gamma", (c,), dtype=torch.float32) * c ** 0.5,
+                               get(f"{x.name}.to_qkv.weight", (3 * c, c)), get(f"{x.name}.to_qkv.bias", (3 * c,)),
+                               get(f"{x.name}.proj.weight", (c, c)), get(f"{x.name}.proj.bias", (c,)))
+        unused = sorted(k for k in weights if k.startswith(("decoder.", "post_quant_conv.")) and k not in used)
+        if unused:
+            raise ValueError(f"Wan VAE weights the config does not describe: {', '.join(unused[:3])}"
+                             f"{' ...' if len(unused) > 3 else ''}")
+        return out
 
-    def step(self, state: DecodeState, latent_frame: torch.Tensor) -> torch.Tensor:
-        """Decode one normalized CHW latent frame; CFHW in [-1, 1] on `device` (1 or 4 frames)."""
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.weights.values()
+                   for t in (ts if isinstance(ts, tuple) else (ts,)))
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def new_state(self) -> StreamState:
+        return StreamState(history=[None] * len(self.topology.convs))
+
+    def step(self, state: StreamState, latent_frame: torch.Tensor, convs: int | None = None,
+             probe: Probe | None = None) -> torch.Tensor | None:
+        """Decode one normalized CHW latent frame: CFHW in [-1, 1] on `device` (1 or 4 frames).
+
+        With `convs`, only the first `convs` causal convs run (pruned context: their history
+        is warmed and nothing is returned). `probe` sees the step's stages and convolutions
+        (an instrumented eager step: no CUDA graph).
+        """
         if latent_frame.dim() != 3 or latent_frame.shape[0] != self.z_dim:
             raise ValueError(f"expected a ({self.z_dim}, h, w) latent frame, got {tuple(latent_frame.shape)}")
+        size = tuple(latent_frame.shape[1:])
+        if state.latent_size is None:
+            state.latent_size = size
+        elif size != state.latent_size:
+            raise ValueError(f"stream started at latent size {state.latent_size}, got {size}")
+        n = len(self.topology.convs)
+        limit = n if convs is None else max(0, min(convs, n))
         first = state.calls == 0
-        # no_grad rather than inference_mode: inference tensors would refuse in-place ops
-        # (e.g. a uint8 conversion done with add_/mul_) in the caller outside the mode.
-        with torch.no_grad():
+        # no_grad rather than inference_mode: inference tensors would refuse the caller's
+        # in-place ops outside the mode (a uint8 conversion with add_/mul_).
+        with torch.no_grad(), _ieee_fp32(self.dtype == torch.float32 and self.device.type == "cuda"):
             z = latent_frame.to(self.device, self.dtype, non_blocking=True)
-            z = self.unnormalize(z).unsqueeze(0).unsqueeze(2).contiguous()  # 1,C,1,h,w
-            x = self.post_quant_conv(z)
-            kwargs = {"first_chunk": first} if self._takes_first_chunk else {}
-            # feat_idx counts the cache slots the call has walked; it restarts every call.
-            out = self.decoder(x, feat_cache=state.cache, feat_idx=[0], **kwargs)
-            if self.patch_size > 1:
-                out = unpatchify(out, patch_size=self.patch_size)
-            out = out.clamp_(-1.0, 1.0)
+            if limit < n:
+                out = self._run(state, z, first, limit, probe) if limit > 0 else None
+            elif (self.options.cuda_graphs and probe is None and not first
+                  and state.full_steps >= self.options.graph_warmup):
+                out = self._graph_step(state, z)
+            else:
+                out = self._run(state, z, first, limit, probe)
+                state.full_steps += not first
         state.calls += 1
-        return out[0]
+        return out
 
-    def stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Decode CTHW normalized latents with a fresh cache; yield CFHW chunks, 1 then 4 frames."""
-        check_cthw(latents, self.z_dim)
-        return steps(self, self.new_state(), latents)
+    def _run(self, st: StreamState, z: torch.Tensor, first: bool, limit: int, probe: Probe | None):
+        try:
+            return _Step(self, st, first, limit, _EAGER if first else self._fns, probe).run(z)
+        except _Stop:
+            return None
 
-    # -- cost model ----------------------------------------------------------------------
+    def _graph_step(self, st: StreamState, z: torch.Tensor) -> torch.Tensor:
+        if st.graph is None:
+            st.static_in = z.clone()
+            graph = torch.cuda.CUDAGraph()
+            # Capture records without running: the replay below is this call's one step.
+            with torch.cuda.graph(graph):
+                st.static_out = _Step(self, st, False, len(self.topology.convs), self._fns, None).run(st.static_in)
+            st.graph = graph
+        else:
+            st.static_in.copy_(z)
+        st.graph.replay()
+        # A fresh tensor: the caller may still be copying this chunk to the host when the
+        # next replay overwrites the static one.
+        return st.static_out.clone()
 
-    def _stage_pixels(self, height: int, width: int) -> int:
-        """Pixels of one latent frame at latent resolution."""
-        s = self.spatial_scale
-        if height % s or width % s:
-            raise ValueError(f"{width}x{height} is not a multiple of the spatial scale {s}")
-        return (height // s) * (width // s)
+    def stream(self, latents: torch.Tensor, context: int = 0) -> Iterator[torch.Tensor]:
+        """Decode CTHW normalized latents with a fresh state; yield CFHW chunks (1 frame for a
+        stream's first latent, 4 for every other).
+
+        The first `context` latents are left context only: each runs only the convs that a
+        shard's frames depend on (pruned context), and yields nothing; the chunks of the
+        rest are those of a fresh stream over all of `latents`.
+        """
+        if latents.dim() != 4 or latents.shape[0] != self.z_dim:
+            raise ValueError(f"expected CTHW latents with {self.z_dim} channels, got {tuple(latents.shape)}")
+        if context and not 0 < context < latents.shape[1]:
+            raise ValueError(f"context {context} must be in [0, {latents.shape[1]}) latent frames")
+        return self._stream(latents, context)
+
+    def _stream(self, latents: torch.Tensor, context: int) -> Iterator[torch.Tensor]:
+        state = self.new_state()
+        depths = self.topology.context_depths()
+        for j in range(context):
+            # The convs whose depth reaches back to context latent j: a prefix of the step.
+            self.step(state, latents[:, j], convs=sum(d >= context - j for d in depths))
+        for i in range(context, latents.shape[1]):
+            yield self.step(state, latents[:, i])
+
+    # -- cost model (actors.wan_topology) --------------------------------------------------
+
+    def _element_size(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
 
     def cache_bytes(self, height: int, width: int) -> int:
-        """Exact size of a steady-state stream cache at this pixel size."""
-        p0 = self._stage_pixels(height, width)
-        e = torch.tensor([], dtype=self.dtype).element_size()
-        return int(sum(CACHE_FRAMES * op.in_channels * p0 * op.spatial_scale ** 2 * e
-                       for op in self._ops if op.kind == "conv3d" and op.cached))
+        return self.topology.cache_bytes(height, width, self._element_size(), self.options.conv_buffer)
 
     def peak_memory_bytes(self, height: int, width: int) -> int:
-        """Estimated peak device memory of one stream at this pixel size, weights excluded.
-
-        An estimate: the cache term is exact (see `cache_bytes`); the activation term is a
-        model calibrated on an H200 (torch 2.11, cuDNN), where the peak of a steady-state
-        call sits in a causal conv of the last stage. Its live set there, in units of the
-        conv's input: the block input held by the decoder and by the residual block, the
-        activated input, the cache clone, the cache-and-input concatenation and its padded
-        copy, cuDNN's workspace (about 8 units), plus the output. Measured against this
-        model: Wan 2.1 at 1280x720 9.68 GiB bf16 / 19.34 GiB fp32 (model 10.0 / 20.0),
-        Wan 2.2 TI2V at 1280x704 bf16 9.92 GiB (model 10.3). The caching allocator's
-        reserve comes on top (14.2 GiB reserved for the 9.68 GiB peak above).
-        """
-        p0 = self._stage_pixels(height, width)
-        e = torch.tensor([], dtype=self.dtype).element_size()
-        activations = 0.0
-        for op in self._ops:
-            if op.kind == "conv3d" and op.cached:
-                frames = op.time_scale  # frames a steady-state call carries at this stage
-                px = p0 * op.spatial_scale ** 2
-                unit_in = frames * op.in_channels * px * e
-                unit_out = frames * op.out_channels * px * e
-                activations = max(activations, _ACTIVATION_UNITS * unit_in + unit_out)
-        return int(self.cache_bytes(height, width) + activations)
+        return self.topology.peak_memory_bytes(height, width, self._element_size(), self.options.conv_buffer)
 
     def decode_flops_per_latent(self, height: int, width: int, first: bool = False) -> float:
-        """Multiply-adds x 2 of one latent frame's decode (a steady one, or a stream's first)."""
-        p0 = self._stage_pixels(height, width)
-        total = 2.0 * self.z_dim * self.z_dim * p0  # post_quant_conv, 1x1x1
-        for op in self._ops:
-            frames = 1 if first else op.time_scale
-            px = p0 * op.spatial_scale ** 2
-            if op.kind == "conv3d":
-                if first and op.time_conv:
-                    continue  # a time upsampler skips its conv on a stream's first call
-                total += 2.0 * op.in_channels * op.out_channels * math.prod(op.kernel) * frames * px
-            elif op.kind == "conv2d":
-                total += 2.0 * op.in_channels * op.out_channels * math.prod(op.kernel) * frames * px
-            elif op.kind == "attention":
-                c = op.in_channels
-                total += 2.0 * c * 4 * c * frames * px  # to_qkv (3c) and proj (c), 1x1
-                total += 4.0 * px * px * c * frames  # q @ k^T and attn @ v
-        return total
-
-
-def _variant_name(config: dict) -> str:
-    z_dim, patch = int(config["z_dim"]), config.get("patch_size")
-    if patch is None and z_dim == 16:
-        return "wan2.1-vae"
-    if patch == 2 and z_dim == 48:
-        return "wan2.2-ti2v-vae"
-    return f"wan-vae(z{z_dim},p{patch or 1})"
+        return self.topology.flops_per_latent(height, width, first)
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,20 +589,21 @@ def ti2v_config() -> dict:
 
 
 def random_wan_decoder(config: dict | None = None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32, seed: int = 0) -> WanDecoder:
+                       dtype: torch.dtype = torch.float32, seed: int = 0,
+                       options: DecoderOptions | None = None) -> WanDecoder:
     """A decoder with diffusers' default (random) init; `config=None` is the real Wan 2.1 VAE."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
         torch.manual_seed(seed)
         vae = AutoencoderKLWan.from_config(dict(config or {}))
-    return WanDecoder(vae, device=device, dtype=dtype)
+    return WanDecoder.from_vae(vae, device=device, dtype=dtype, options=options)
 
 
 def load_wan_decoder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> WanDecoder:
+                     dtype: torch.dtype = torch.float32, options: DecoderOptions | None = None) -> WanDecoder:
     """Load a diffusers-format VAE folder (config.json + safetensors weights); never pickles.
 
     The variant (Wan 2.1 or 2.2 TI2V) comes from config.json's fields (z_dim, patch_size).
     The decoder's weights go straight onto the device, checked (actors/wan_weights.py).
     """
     config, weights = read_wan_vae(path, device=device, dtype=dtype)
-    return WanDecoder(decoder_vae(config, weights), device=device, dtype=dtype)
+    return WanDecoder(config, weights, device=device, dtype=dtype, options=options)

@@ -25,8 +25,6 @@ from actors.pipeline import run_pipeline
 from actors.protocol import DecoderSpec, InputError, LatentSlice, ShardTask, segment_suffix, sidecar_key
 from actors.sinks import nvenc_available, open_sink
 from actors.startup import COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, StartupClock, StartupReport
-from actors.wan import WanDecoder
-from actors.wan_context import stream_with_context
 from infra.checksum import sha256_file
 from infra.storage import download_prefix, is_s3, open_store
 
@@ -95,12 +93,8 @@ def warm_up_steps(decoder) -> int:
 
 def decoder_weight_bytes(decoder: Decoder) -> int:
     """Device memory the decoder's weights take (0 for one without weights)."""
-    module = getattr(decoder, "decoder", None)
-    if not isinstance(module, torch.nn.Module):
-        return 0
-    extra = getattr(decoder, "post_quant_conv", None)
-    params = list(module.parameters()) + (list(extra.parameters()) if isinstance(extra, torch.nn.Module) else [])
-    return sum(p.numel() * p.element_size() for p in params)
+    weight_bytes = getattr(decoder, "weight_bytes", None)
+    return weight_bytes() if callable(weight_bytes) else 0
 
 
 def describe_device(device: torch.device) -> dict:
@@ -273,9 +267,9 @@ class ShardWorker:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         # The stream first: it checks its input, and a refusal then leaves no sink open.
-        if task.context_mode == "pruned" and isinstance(decoder, WanDecoder):
-            # Context latents only warm the cache of the stages that need them; no frame to drop.
-            chunks, drop = stream_with_context(decoder, latents, shard.context), 0
+        if task.context_mode == "pruned":
+            # Context latents only warm the cache of the convs that need them; no frame to drop.
+            chunks, drop = decoder.stream(latents, context=shard.context), 0
         else:
             chunks, drop = decoder.stream(latents), shard.drop
         encoder = self._encoder(task.encoder) if task.format == "mp4" else task.encoder

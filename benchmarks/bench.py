@@ -136,7 +136,7 @@ def run(args) -> dict:
         dtype = DTYPES[dtype_name]
         torch.manual_seed(0)
         vae = AutoencoderKLWan().eval().requires_grad_(False)  # the real Wan 2.1 VAE architecture
-        decoder = WanDecoder(vae, device=device, dtype=dtype)
+        decoder = WanDecoder.from_vae(vae, device=device, dtype=dtype)  # the device's default options
         vae.to(device, dtype)
         for size in args.sizes.split(","):
             width, height = (int(v) for v in size.split("x"))

@@ -7,8 +7,8 @@ Issue 5's guard asks a bf16 decoder for a relative L2 error of at most 1e-2 agai
 fp32 decode of the same input. This measures, on the real Wan 2.1 VAE architecture with
 random weights (or the tiny test config), the error of:
 
-  wan bf16              WanDecoder in bf16: diffusers' own arithmetic
-  fast bf16 +fp32_norm  FastWanDecoder's most accurate eager preset
+  diffusers bf16        diffusers' own decode in bf16
+  framefarm bf16        actors.wan.WanDecoder in bf16 (norms in fp32 until the conv input)
   conv in+out           an fp32 decode whose convolutions (and the attention's 1x1
                         projections) see bf16-rounded inputs and weights and return a
                         bf16-rounded output, everything else fp32: what any decoder whose
@@ -19,8 +19,9 @@ random weights (or the tiny test config), the error of:
   stage k               conv in+out rounding only at stage k (k=0 latent resolution, then
                         each 2x spatial upsample): where the error comes from
 
-Rounding is applied with forward pre-hooks on a copy of the model's conv modules, so the
-fp32 code path is diffusers' own. No timing here: the same numbers come out on any device.
+Rounding is applied with forward pre-hooks on a copy of the model's conv modules, decoded
+with diffusers' own `decode`, so the fp32 code path is diffusers' own; the reference is
+diffusers' fp32 decode with TF32 off. No timing here: the same numbers come out on any device.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from actors.wan import WanDecoder, tiny_wan_config
-from actors.wan_fast import PRESETS, FastWanDecoder
 
 GUARD = 1e-2
 STAGES = 4  # latent resolution, then three 2x spatial upsamples (Wan 2.1)
@@ -106,6 +106,20 @@ def rounded_copy(vae: AutoencoderKLWan, latent_w: int, *, inputs: bool, outputs:
     return vae
 
 
+class Diffusers:
+    """diffusers' `decode` of a (possibly hooked) VAE copy, as a stream-like decoder."""
+
+    def __init__(self, vae: AutoencoderKLWan, device: str, dtype: torch.dtype = torch.float32):
+        self.vae, self.device, self.dtype = vae.to(device, dtype), device, dtype
+
+    def stream(self, z: torch.Tensor):
+        mean = torch.tensor(self.vae.config.latents_mean).view(-1, 1, 1, 1)
+        std = torch.tensor(self.vae.config.latents_std).view(-1, 1, 1, 1)
+        x = (z * std + mean).unsqueeze(0).to(self.device, self.dtype)
+        with torch.no_grad():
+            yield self.vae.decode(x).sample[0]
+
+
 def decode(decoder, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(decoder.stream(z)), dim=1).float().cpu()
 
@@ -117,22 +131,21 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 def variants(vae: AutoencoderKLWan, latent_w: int, device: str):
     """(name, decoder) pairs, built lazily so that one model copy lives at a time."""
     bf16 = torch.bfloat16
-    yield "wan bf16", lambda: WanDecoder(copy.deepcopy(vae), device=device, dtype=bf16)
-    yield "fast bf16 +fp32_norm", lambda: FastWanDecoder(
-        WanDecoder(copy.deepcopy(vae), device=device, dtype=bf16), options=PRESETS["+fp32_norm"])
+    yield "diffusers bf16", lambda: Diffusers(copy.deepcopy(vae), device, bf16)
+    yield "framefarm bf16", lambda: WanDecoder.from_vae(vae, device=device, dtype=bf16)
     for name, inputs, outputs in [("conv in+out", True, True), ("conv in", True, False),
                                   ("weights only", False, False)]:
-        yield name, lambda i=inputs, o=outputs: WanDecoder(
-            rounded_copy(vae, latent_w, inputs=i, outputs=o, weights=True), device=device)
+        yield name, lambda i=inputs, o=outputs: Diffusers(
+            rounded_copy(vae, latent_w, inputs=i, outputs=o, weights=True), device)
     for k in range(STAGES):
-        yield f"stage {k}", lambda k=k: WanDecoder(
-            rounded_copy(vae, latent_w, inputs=True, outputs=True, weights=True, stages={k}), device=device)
+        yield f"stage {k}", lambda k=k: Diffusers(
+            rounded_copy(vae, latent_w, inputs=True, outputs=True, weights=True, stages={k}), device)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.backends.cudnn.allow_tf32 = False  # an fp32 reference that is fp32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # An fp32 reference that is fp32 (the decoder turns TF32 off for its own fp32 steps).
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
     rows, t0 = [], time.perf_counter()
     for seed in args.seed_list:
         with torch.random.fork_rng(devices=[]):
@@ -141,7 +154,7 @@ def main(argv=None) -> int:
             vae = AutoencoderKLWan.from_config(cfg).eval() if cfg else AutoencoderKLWan().eval()
         g = torch.Generator().manual_seed(seed + 20)
         z = torch.randn(vae.config.z_dim, args.frames, args.latent_h, args.latent_w, generator=g)
-        ref = decode(WanDecoder(copy.deepcopy(vae), device=args.device), z)
+        ref = decode(Diffusers(copy.deepcopy(vae), args.device), z)
         row = {"seed": seed}
         for name, build in variants(vae, args.latent_w, args.device):
             row[name] = rel(decode(build(), z), ref)

@@ -1,27 +1,30 @@
-"""The Wan VAE decoder alone, before and after each speed change, side by side on one GPU.
+"""The Wan VAE decoder alone: diffusers against framefarm's decoder under each option set, on one device.
 
     python -m benchmarks.bench_decoder [--sizes 1280x720,832x480] [--frames 10] [--variants ...]
-                                 [--out bench_decoder.json] [--time-budget-s 200] [--device cuda]
+                                 [--config wan2.1|ti2v|tiny2.1] [--out bench_decoder.json]
+                                 [--time-budget-s 300] [--device cuda]
+    python -m benchmarks.bench_decoder --device cpu --config tiny2.1 --sizes 64x64 --frames 3   # smoke
 
-On the real Wan 2.1 VAE architecture with random weights (AutoencoderKLWan() default
-config, seed 0) and the same random latents for every variant, per size:
-  diffusers      `vae.decode()` of all latents in bf16; per latent = (t(N) - t(1)) / (N - 1)
-  wan            framefarm's WanDecoder in bf16 (diffusers' modules, streamed)
-  fast-base ...  FastWanDecoder with the changes of actors.wan_fast.PRESETS switched on
-                 one more at a time: +channels_last, +conv_buffer, +fp32_norm, +compile,
-                 +cuda_graphs
-  fp32-guard     FastWanDecoder in fp32 (eager flags) against WanDecoder fp32, TF32 off
-Streaming variants decode --frames latents with a fresh state; the first 4 steps (the
-stream's first latent, compile, cuDNN autotune, graph capture) are warm-up, reported as
-wall time; the rest are timed with CUDA events, and their median is the steady per-latent
-time. Error: relative L2 over all decoded frames against WanDecoder in fp32 (TF32 off)
-with the original fp32 weights, and against fp32 with the same bf16-rounded weights
-(what the bf16 decoders' arithmetic alone loses). Rates: decode_flops_per_latent over
-the time, and over the card's own bf16 matmul rate, measured here first.
+On the chosen VAE architecture with random weights (seed 0) and the same random latents
+for every variant, per size:
+  diffusers        `vae.decode()` of all latents in bf16; per latent = (t(N) - t(1)) / (N - 1)
+  eager ...        `actors.wan.WanDecoder` in bf16 with the option sets of OPTION_SETS, one
+                   more change at a time: eager (diffusers-style history), +channels_last,
+                   +conv_buffer, +compile, +cuda_graphs (the CUDA default)
+  stages           an instrumented steady step (+compile's options, no graph; CPU: +conv_buffer): events
+                   around each stage and each convolution; per-stage time and conv share
+  fp32-guard       WanDecoder in fp32 (CPU-default options, TF32 off by the decoder) against
+                   diffusers' fp32 decode with TF32 off: the 1e-5 rule
+Streaming variants decode --frames latents with a fresh state; the first steps (the
+stream's first latent, compile, cuDNN autotune, graph capture: up to 4) are warm-up, the
+rest are timed with CUDA events (wall clock on the CPU), their median is the steady
+per-latent time. Error: relative L2 over all decoded frames against diffusers' fp32
+decode (TF32 off) with the original weights, and with the same bf16-rounded weights.
+Rates: the topology's FLOPs over the time, and over the card's bf16 matmul rate.
 
-Stays within --time-budget-s: a variant that would not fit is recorded as skipped, a
-compile that runs past the budget is interrupted, and every failure is recorded, not
-fatal. JSON is rewritten after every variant; a table is printed last.
+Stays within --time-budget-s: a variant that would not fit is recorded as skipped, one
+that runs past the budget is interrupted, every failure is recorded, not fatal. JSON is
+rewritten after every variant; a table is printed last.
 """
 
 from __future__ import annotations
@@ -40,17 +43,24 @@ import time
 import traceback
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
-from actors.wan import WanDecoder
-from actors.wan_fast import PRESETS, FastWanDecoder
+from actors.wan import DecoderOptions, WanDecoder, ti2v_config, tiny_wan_config
 
 WARMUP_STEPS = 4  # the first latent, then up to graph_warmup eager steady steps, then the capture
-FAST = list(PRESETS)
-ALL_VARIANTS = ["diffusers", "wan", *FAST, "fp32-guard"]
-GPU_ONLY = {name for name, o in PRESETS.items() if o.compile or o.cuda_graphs}
-# Seconds a variant needs at 720p, to decide what still fits the budget (measured on an H200
-# for the eager ones; compile is a guess: ~20 small regions on 16 cores).
-NEEDS = {"diffusers": 15, "wan": 12, "fp32-guard": 12, "+compile": 90, "+cuda_graphs": 20}
+OPTION_SETS: dict[str, DecoderOptions] = {
+    "eager": DecoderOptions(conv_buffer=False),
+    "+channels_last": DecoderOptions(channels_last=True, conv_buffer=False),
+    "+conv_buffer": DecoderOptions(channels_last=True, conv_buffer=True),
+    "+compile": DecoderOptions(channels_last=True, conv_buffer=True, compile=True),
+    "+cuda_graphs": DecoderOptions(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True),
+}
+ALL_VARIANTS = ["diffusers", *OPTION_SETS, "stages", "fp32-guard"]
+GPU_ONLY = {"+compile", "+cuda_graphs"}  # inductor on a small CPU takes minutes
+COMPILING = {"+compile", "+cuda_graphs"}
+CONFIGS = {"wan2.1": dict, "ti2v": ti2v_config, "tiny2.1": tiny_wan_config}
+# Seconds a variant needs at 720p on an H200, to decide what still fits the budget.
+NEEDS = {"diffusers": 15, "fp32-guard": 25, "+compile": 90, "+cuda_graphs": 20, "stages": 10}
 EAGER_NEED = 12
 MARGIN_S = 8  # kept free at the end to write results
 
@@ -58,10 +68,11 @@ MARGIN_S = 8  # kept free at the end to write results
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1280x720,832x480", help="WIDTHxHEIGHT, comma-separated, in order")
-    p.add_argument("--frames", type=int, default=10, help=f"latent frames per stream (>= {WARMUP_STEPS + 2})")
+    p.add_argument("--frames", type=int, default=10, help="latent frames per stream (>= 2; the first steps are warm-up)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="subset of " + ",".join(ALL_VARIANTS))
+    p.add_argument("--config", choices=sorted(CONFIGS), default="wan2.1", help="VAE architecture (random weights)")
     p.add_argument("--out", default="bench_decoder.json")
-    p.add_argument("--time-budget-s", type=float, default=200.0)
+    p.add_argument("--time-budget-s", type=float, default=300.0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile-mode", default="default", help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--fp32-guard-frames", type=int, default=3)
@@ -69,8 +80,12 @@ def parse_args(argv=None):
     unknown = set(args.variants.split(",")) - set(ALL_VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
-    if args.frames < WARMUP_STEPS + 2:
-        p.error(f"--frames must be >= {WARMUP_STEPS + 2}: {WARMUP_STEPS} warm-up steps, then at least 2 timed")
+    if args.frames < 2:
+        p.error("--frames must be >= 2: a stream's first latent is not a steady step")
+    try:
+        args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    except ValueError:
+        p.error("--sizes is WIDTHxHEIGHT[,WIDTHxHEIGHT...]")
     return args
 
 
@@ -130,6 +145,21 @@ class Clock:
             torch.cuda.synchronize(self.device)
 
 
+@contextlib.contextmanager
+def true_fp32(device: torch.device):
+    """diffusers' fp32 reference with TF32 off for convs and matmuls (the decoder does the same itself)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = saved
+
+
 def reset_memory(device) -> int:
     if device.type != "cuda":
         return 0
@@ -173,7 +203,6 @@ class ErrorMeter:
         self.refs = refs  # one list of chunks per reference
         self.num = [0.0] * len(refs)
         self.den = [0.0] * len(refs)
-        self.finite = True
 
     def add(self, i: int, chunk: torch.Tensor) -> None:
         x = chunk.float()
@@ -185,43 +214,57 @@ class ErrorMeter:
         return [math.sqrt(float(n) / float(d)) for n, d in zip(self.num, self.den)]
 
 
-def run_stream(decoder, latents: torch.Tensor, refs, device) -> dict:
+def warmup_steps(frames: int) -> int:
+    return min(WARMUP_STEPS, frames - 1)
+
+
+def run_stream(decoder: WanDecoder, latents: torch.Tensor, refs, device) -> dict:
     clock = Clock(device)
     meter = ErrorMeter(refs)
     state = decoder.new_state()
+    warm = warmup_steps(latents.shape[1])
     marks, warm_walls = [], []
     for i in range(latents.shape[1]):
         w0 = time.perf_counter()
         a = clock.mark()
         out = decoder.step(state, latents[:, i])
         b = clock.mark()
-        if i < WARMUP_STEPS:
+        if i < warm:
             clock.sync()
             warm_walls.append(time.perf_counter() - w0)
         marks.append((a, b))
         meter.add(i, out)  # after the end mark: not timed
     clock.sync()
     step_ms = [clock.ms(a, b) for a, b in marks]
-    timed = step_ms[WARMUP_STEPS:]
+    timed = step_ms[warm:]
     errors = meter.result()
     return {
-        "ms_per_latent": statistics.median(timed),
-        "ms_spread": [min(timed), max(timed)],
-        "first_latent_ms": step_ms[0],
-        "step_ms": step_ms,
-        "warmup_wall_s": sum(warm_walls),
-        "warmup_walls_s": warm_walls,
-        "rel_err_vs_fp32": errors[0],
-        "rel_err_vs_fp32_same_weights": errors[1] if len(errors) > 1 else None,
-        "state_bytes": state.nbytes() if hasattr(state, "nbytes") else None,
+        "ms_per_latent": statistics.median(timed), "ms_spread": [min(timed), max(timed)], "timed_steps": len(timed),
+        "first_latent_ms": step_ms[0], "step_ms": step_ms,
+        "warmup_wall_s": sum(warm_walls), "warmup_walls_s": warm_walls,
+        "rel_err_vs_fp32": errors[0], "rel_err_vs_fp32_same_weights": errors[1],
+        "state_bytes": state.nbytes(),
+        "compile_and_capture_s_est": max(0.0, sum(warm_walls) - (warm - 1) * statistics.median(timed) / 1e3
+                                         - step_ms[0] / 1e3),
     }
 
 
-def run_diffusers(vae, wan: WanDecoder, latents: torch.Tensor, refs, device) -> dict:
+def unnormalized(vae: AutoencoderKLWan, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """WanPipeline's un-normalization, in the VAE's dtype: what diffusers' decode takes."""
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1).to(latents.device, dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1).to(latents.device, dtype)
+    return (latents.to(dtype) / (1.0 / std) + mean).unsqueeze(0)
+
+
+def chunks_of(video: torch.Tensor) -> list[torch.Tensor]:
+    """A CFHW decode split as a stream yields it: 1 frame, then 4 per latent."""
+    sizes = [1] + [4] * ((video.shape[1] - 1) // 4)
+    return list(video.float().split(sizes, dim=1))
+
+
+def run_diffusers(vae, latents: torch.Tensor, refs, device) -> dict:
     clock = Clock(device)
-    # WanPipeline's un-normalization, in the VAE's dtype, as WanDecoder does.
-    z = latents.to(device, wan.dtype)
-    z = (z / wan._inv_std.view(-1, 1, 1, 1) + wan._mean.view(-1, 1, 1, 1)).unsqueeze(0)
+    z = unnormalized(vae, latents, torch.bfloat16)
     n = z.shape[2]
     with torch.no_grad():
         w0 = time.perf_counter()
@@ -236,41 +279,99 @@ def run_diffusers(vae, wan: WanDecoder, latents: torch.Tensor, refs, device) -> 
     clock.sync()
     t1, tn = clock.ms(a, b), clock.ms(b, c)
     meter = ErrorMeter(refs)
-    sizes = [r.shape[1] for r in refs[0]]
-    start = 0
-    for i, f in enumerate(sizes):
-        meter.add(i, out[:, start : start + f])
-        start += f
+    for i, chunk in enumerate(chunks_of(out)):
+        meter.add(i, chunk)
     errors = meter.result()
     return {"ms_per_latent": (tn - t1) / (n - 1), "first_latent_ms": t1, "total_ms": tn, "warmup_wall_s": warm,
             "rel_err_vs_fp32": errors[0], "rel_err_vs_fp32_same_weights": errors[1]}
 
 
-def decode_chunks(decoder, latents: torch.Tensor) -> list[torch.Tensor]:
+def run_stages(decoder: WanDecoder, latents: torch.Tensor, device) -> dict:
+    """Per-stage time of steady steps and the share of it that convolutions take.
+
+    An instrumented step: the decoder's probe records a CUDA event (or the wall clock) where
+    each stage begins, around every convolution, and after the step's last kernel. The
+    first step and warm-up steps are not measured; the rest are, and their per-stage
+    medians reported. Events between kernels cost a little launch time, so the sum is a
+    bit above an uninstrumented eager step.
+    """
+    clock = Clock(device)
+    state = decoder.new_state()
+    warm = warmup_steps(latents.shape[1])
+    runs = []
+    for i in range(latents.shape[1]):
+        events: list[tuple[str, int, object]] = []
+        decoder.step(state, latents[:, i], probe=lambda kind, stage: events.append((kind, stage, clock.mark())))
+        if i >= warm:
+            runs.append(events)
+    clock.sync()
+    per_run = []
+    for events in runs:
+        stage_ms: dict[int, float] = {}
+        conv_ms: dict[int, float] = {}
+        starts = [(s, m) for kind, s, m in events if kind == "stage"]
+        end = events[-1][2]
+        for (s, m), nxt in zip(starts, starts[1:] + [(None, end)]):
+            stage_ms[s] = stage_ms.get(s, 0.0) + clock.ms(m, nxt[1])
+        begin = None
+        for kind, s, m in events:
+            if kind == "conv":
+                begin = m
+            elif kind == "glue" and begin is not None:
+                conv_ms[s] = conv_ms.get(s, 0.0) + clock.ms(begin, m)
+                begin = None
+        per_run.append((stage_ms, conv_ms, clock.ms(events[0][2], end)))
+    stages = sorted(per_run[0][0])
+    top = decoder.topology
+    h, w = latents.shape[2] * decoder.spatial_scale, latents.shape[3] * decoder.spatial_scale
+    flops = {s: sum(top.layer_flops(x, h, w) for x in top.layers if x.stage == s) for s in stages}
+    out = {"step_ms": statistics.median(r[2] for r in per_run), "measured_steps": len(per_run), "stages": []}
+    for s in stages:
+        total = statistics.median(r[0].get(s, 0.0) for r in per_run)
+        conv = statistics.median(r[1].get(s, 0.0) for r in per_run)
+        layer = next(x for x in top.layers if x.stage == s)
+        out["stages"].append({"stage": s, "time_scale": layer.time_scale, "spatial_scale": layer.spatial_scale,
+                              "ms": total, "conv_ms": conv, "conv_share": conv / total if total else None,
+                              "tflop": flops[s] / 1e12, "tflops": flops[s] / (total / 1e3) / 1e12 if total else None})
+    conv_all = sum(x["conv_ms"] for x in out["stages"])
+    out["conv_ms"], out["conv_share"] = conv_all, conv_all / out["step_ms"]
+    return out
+
+
+def decode_reference(vae32: AutoencoderKLWan, latents: torch.Tensor, device) -> list[torch.Tensor]:
+    with torch.no_grad(), true_fp32(device):
+        return chunks_of(vae32.decode(unnormalized(vae32, latents, torch.float32)).sample[0])
+
+
+def run_fp32_guard(args, vae32, latents, refs, device) -> dict:
+    """framefarm's decoder in fp32 against diffusers in fp32, both with TF32 off: the 1e-5 rule."""
+    n = min(args.fp32_guard_frames, latents.shape[1])
+    decoder = WanDecoder.from_vae(vae32, device=device, dtype=torch.float32, options=DecoderOptions())
     with torch.no_grad():
-        return [c.float() for c in decoder.stream(latents)]
+        chunks = [c.float() for c in decoder.stream(latents[:, :n])]
+    ref = refs[0][: len(chunks)]
+    num = sum(float((a - b).square().sum()) for a, b in zip(chunks, ref))
+    den = sum(float(b.square().sum()) for b in ref)
+    err = math.sqrt(num / den)
+    return {"latents": n, "options": dataclasses.asdict(decoder.options),
+            "rel_err_vs_fp32": err, "guard": 1e-5, "passes": err <= 1e-5}
 
 
 # ---------------------------------------------------------------------------------------
 # The run
 
 
-def build(device: torch.device):
-    """The real Wan 2.1 VAE with random weights, as fp32 reference, bf16-rounded fp32 and bf16 decoders."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-
+def build(config: dict, device: torch.device):
+    """diffusers' VAE with random weights: fp32 on the device, bf16 on the device, and fp32
+    with bf16-rounded weights (what bf16 arithmetic alone loses)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        vae32 = AutoencoderKLWan().eval().requires_grad_(False)
-    # WanDecoder moves the modules it is given (in place), so each dtype gets its own copy.
-    vae16 = copy.deepcopy(vae32)
+        vae32 = AutoencoderKLWan.from_config(config).eval().requires_grad_(False)
     rounded = copy.deepcopy(vae32)
     for p in rounded.parameters():
         p.data = p.data.to(torch.bfloat16).float()
-    ref32 = WanDecoder(vae32, device=device, dtype=torch.float32)
-    ref32_same = WanDecoder(rounded, device=device, dtype=torch.float32)
-    wan16 = WanDecoder(vae16, device=device, dtype=torch.bfloat16)
-    return vae16, ref32, ref32_same, wan16
+    vae16 = copy.deepcopy(vae32).to(device, torch.bfloat16)
+    return vae32.to(device), rounded.to(device), vae16
 
 
 def run(args) -> dict:
@@ -285,37 +386,40 @@ def run(args) -> dict:
         torch.cuda.set_device(device)
         # Every step has the same shapes: let cuDNN pick its fastest algorithms (as workers do).
         torch.backends.cudnn.benchmark = True
-    # True fp32 for the references and the fp32 guard; bf16 variants are unaffected.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     variants = [v for v in ALL_VARIANTS if v in args.variants.split(",")]
     results = {
         "card": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
-        "presets": {k: dataclasses.asdict(v) for k, v in PRESETS.items()},
+        "cudnn": torch.backends.cudnn.version() if cuda else None, "config": args.config,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {k: v for k, v in vars(args).items() if k != "size_list"},
+        "option_sets": {k: dataclasses.asdict(v) for k, v in OPTION_SETS.items()},
         "runs": [],
     }
     results["matmul_bf16_tflops"] = matmul_tflops(device)
     print(f"{results['card']}: bf16 matmul {results['matmul_bf16_tflops']:.0f} TFLOP/s "
-          f"(torch {torch.__version__}, diffusers {diffusers.__version__})", flush=True)
-    vae16, ref32, ref32_same, wan16 = build(device)
+          f"(torch {torch.__version__}, diffusers {diffusers.__version__}), {args.config}", flush=True)
+    config = CONFIGS[args.config]()
+    vae32, rounded, vae16 = build(config, device)
+    z_dim = int(vae32.config.z_dim)
+    probe = WanDecoder.from_vae(vae16, device=device, dtype=torch.bfloat16, options=DecoderOptions())
     print(HEADER, flush=True)
     compile_failed = None
-    for size in args.sizes.split(","):
-        width, height = (int(v) for v in size.split("x"))
+    for width, height in args.size_list:
+        size = f"{width}x{height}"
         row = {"size": size, "latent_frames": args.frames, "variants": {}}
         results["runs"].append(row)
-        row["flops_per_latent"] = wan16.decode_flops_per_latent(height, width)
+        row["flops_per_latent"] = probe.decode_flops_per_latent(height, width)
+        row["model_peak_bytes"] = {name: probe.topology.peak_memory_bytes(height, width, 2, o.conv_buffer)
+                                   for name, o in OPTION_SETS.items()}
+        s = probe.spatial_scale
         g = torch.Generator().manual_seed(1)
-        latents = torch.randn(16, args.frames, height // 8, width // 8, generator=g).to(device)
+        latents = torch.randn(z_dim, args.frames, height // s, width // s, generator=g).to(device)
         if budget.left() < 30 + MARGIN_S:
             row["skipped"] = "budget"
             save(results, args.out)
             continue
         try:
-            refs = [decode_chunks(ref32, latents), decode_chunks(ref32_same, latents)]
+            refs = [decode_reference(vae32, latents, device), decode_reference(rounded, latents, device)]
         except Exception as e:  # noqa: BLE001 (e.g. out of memory at a size too big for fp32)
             row["error"] = f"fp32 reference: {type(e).__name__}: {e}"
             save(results, args.out)
@@ -325,18 +429,17 @@ def run(args) -> dict:
             need = budget_need(name, height * width, row)
             if name in GPU_ONLY and not cuda:
                 row["variants"][name] = {"skipped": "needs CUDA"}
-            elif name in GPU_ONLY and compile_failed:
+            elif name in COMPILING and compile_failed:
                 row["variants"][name] = {"skipped": f"compile failed earlier: {compile_failed}"}
             elif budget.left() - MARGIN_S < need:
                 row["variants"][name] = {"skipped": "budget"}
             else:
-                row["variants"][name] = r = run_variant(name, args, device, budget, vae16, ref32, wan16,
-                                                        latents, refs, row["flops_per_latent"],
-                                                        results["matmul_bf16_tflops"])
-                if name in GPU_ONLY and "error" in r:
+                row["variants"][name] = r = run_variant(name, args, device, budget, vae32, vae16, latents, refs,
+                                                        row["flops_per_latent"], results["matmul_bf16_tflops"])
+                if name in COMPILING and "error" in r:
                     compile_failed = r["error"][:200]
             add_speedups(row)
-            print_variant(size, name, row["variants"][name], flush=True)
+            print(format_variant(size, name, row["variants"][name]), flush=True)
             save(results, args.out)
         del latents, refs
         clear()
@@ -357,34 +460,31 @@ def budget_need(name: str, pixels: int, row: dict) -> float:
     return max(3.0, NEEDS.get(name, EAGER_NEED) * pixels / (1280 * 720))
 
 
-def run_variant(name, args, device, budget, vae16, ref32, wan16, latents, refs, flops, matmul) -> dict:
+def run_variant(name, args, device, budget, vae32, vae16, latents, refs, flops, matmul) -> dict:
     base = reset_memory(device)
     decoder = None
     try:
         with deadline(budget.left() - MARGIN_S):
             if name == "diffusers":
-                r = run_diffusers(vae16, wan16, latents, refs, device)
-            elif name == "wan":
-                r = run_stream(wan16, latents, refs, device)
+                r = run_diffusers(vae16, latents, refs, device)
             elif name == "fp32-guard":
-                r = run_fp32_guard(args, ref32, latents, refs, device)
+                r = run_fp32_guard(args, vae32, latents, refs, device)
             else:
-                options = PRESETS[name]
+                # Stages: compiled regions on CUDA (the default minus graphs), eager elsewhere.
+                stage_set = "+compile" if device.type == "cuda" else "+conv_buffer"
+                options = OPTION_SETS[stage_set if name == "stages" else name]
                 if options.compile:
                     options = dataclasses.replace(options, compile_mode=args.compile_mode)
-                decoder = FastWanDecoder(wan16, options=options)
-                r = run_stream(decoder, latents, refs, device)
-                # Compile and capture are in the warm-up steps; the steady steps' cost is not.
-                r["compile_and_capture_s_est"] = max(0.0, r["warmup_wall_s"]
-                                                     - (WARMUP_STEPS - 1) * r["ms_per_latent"] / 1e3
-                                                     - r["first_latent_ms"] / 1e3)
+                decoder = WanDecoder.from_vae(vae16, device=device, dtype=torch.bfloat16, options=options)
+                r = run_stages(decoder, latents, device) if name == "stages" else run_stream(decoder, latents,
+                                                                                             refs, device)
     except VariantTimeout as e:
         return {"error": f"timeout: {e}"}
     except Exception as e:  # noqa: BLE001 (a failed variant is a result, not the end of the run)
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
     finally:
         decoder = None  # its buffers and graphs go before the next variant
-    if "ms_per_latent" in r and name != "fp32-guard":
+    if "ms_per_latent" in r:
         tflops = flops / (r["ms_per_latent"] / 1e3) / 1e12
         r.update(tflops=tflops, fraction_of_matmul=tflops / matmul)
     r["peak_bytes"] = peak_memory(device)
@@ -393,29 +493,11 @@ def run_variant(name, args, device, budget, vae16, ref32, wan16, latents, refs, 
     return r
 
 
-def run_fp32_guard(args, ref32, latents, refs, device) -> dict:
-    """The eager fast path in fp32 against WanDecoder in fp32 (TF32 off): the 1e-5 guard on a GPU."""
-    n = min(args.fp32_guard_frames, latents.shape[1])
-    eager = [o for o in PRESETS.values() if not o.compile and not o.cuda_graphs][-1]
-    fast = FastWanDecoder(ref32, options=eager)
-    chunks = decode_chunks(fast, latents[:, :n])
-    ref = refs[0][:n]
-    num = sum(float((a - b).square().sum()) for a, b in zip(chunks, ref))
-    den = sum(float(b.square().sum()) for b in ref)
-    err = math.sqrt(num / den)
-    return {"latents": n, "options": dataclasses.asdict(eager),
-            "rel_err_vs_fp32": err, "guard": 1e-5, "passes": err <= 1e-5}
-
-
 def add_speedups(row) -> None:
     ref = row["variants"].get("diffusers", {}).get("ms_per_latent")
-    wan = row["variants"].get("wan", {}).get("ms_per_latent")
-    for name, r in row["variants"].items():
-        if "ms_per_latent" in r and name != "fp32-guard":
-            if ref:
-                r["speedup_vs_diffusers"] = ref / r["ms_per_latent"]
-            if wan:
-                r["speedup_vs_wan"] = wan / r["ms_per_latent"]
+    for r in row["variants"].values():
+        if "ms_per_latent" in r and ref:
+            r["speedup_vs_diffusers"] = ref / r["ms_per_latent"]
 
 
 def clear() -> None:
@@ -436,7 +518,7 @@ def save(results, path) -> None:
 # Output
 
 
-HEADER = (f"{'size':<10}{'variant':<15}{'ms/lat':>8}{'TFLOP/s':>9}{'%mm':>6}{'x diff':>7}{'x wan':>7}"
+HEADER = (f"{'size':<10}{'variant':<15}{'ms/lat':>8}{'TFLOP/s':>9}{'%mm':>6}{'x diff':>7}"
           f"{'err fp32':>10}{'err same-w':>11}{'peak GiB':>9}{'warm s':>8}  note")
 
 
@@ -447,7 +529,11 @@ def format_variant(size, name, r) -> str:
         return f"{size:<10}{name:<15}  error: {r['error'][:150]}"
     if name == "fp32-guard":
         return (f"{size:<10}{name:<15}  rel err {r['rel_err_vs_fp32']:.2e} over {r['latents']} latents, fp32, "
-                f"guard 1e-5: {'pass' if r['passes'] else 'FAIL'}")
+                f"TF32 off, guard 1e-5: {'pass' if r['passes'] else 'FAIL'}")
+    if name == "stages":
+        parts = [f"s{x['stage']} {x['ms']:.1f} ms ({x['conv_share']:.0%} conv)" for x in r["stages"]]
+        return (f"{size:<10}{name:<15}  step {r['step_ms']:.1f} ms, conv {r['conv_share']:.0%}: "
+                + ", ".join(parts))
 
     def f(key, fmt, scale=1.0):
         v = r.get(key)
@@ -457,18 +543,14 @@ def format_variant(size, name, r) -> str:
     if r.get("compile_and_capture_s_est", 0) > 2:
         note = f"compile+capture ~{r['compile_and_capture_s_est']:.0f} s"
     return (f"{size:<10}{name:<15}{f('ms_per_latent', '8.1f')}{f('tflops', '9.0f')}"
-            f"{f('fraction_of_matmul', '6.0%')}{f('speedup_vs_diffusers', '7.2f')}{f('speedup_vs_wan', '7.2f')}"
+            f"{f('fraction_of_matmul', '6.0%')}{f('speedup_vs_diffusers', '7.2f')}"
             f"{f('rel_err_vs_fp32', '10.2e')}{f('rel_err_vs_fp32_same_weights', '11.2e')}"
             f"{f('peak_bytes', '9.2f', 1 / 2**30)}{f('warmup_wall_s', '8.1f')}  {note}")
 
 
-def print_variant(size, name, r, flush=True) -> None:
-    print(format_variant(size, name, r), flush=flush)
-
-
 def print_table(results) -> None:
-    print(f"\n{results['card']}, bf16, matmul {results['matmul_bf16_tflops']:.0f} TFLOP/s, "
-          f"{results['args']['frames']} latent frames a stream, median of the steps after {WARMUP_STEPS}")
+    print(f"\n{results['card']}, {results['config']}, bf16, matmul {results['matmul_bf16_tflops']:.0f} TFLOP/s, "
+          f"{results['args']['frames']} latent frames a stream, median of the steady steps")
     print(HEADER)
     for row in results["runs"]:
         if "skipped" in row or "error" in row:
@@ -480,8 +562,7 @@ def print_table(results) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    run(args)
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the driver must know of a decoder before any GPU work: channels, scale, receptive field.
 
-Read from the model's config alone (the Wan VAE is built on the meta device, no weights),
+Read from the model's config alone (`actors.wan_topology`: no weights, no torch modules),
 so the driver validates input and plans shards without loading or downloading a model.
 """
 
@@ -9,14 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-
-from actors import wan
+from actors import wan, wan_topology
 from actors.decoders import TestPatternDecoder
 from actors.protocol import TEMPORAL_SCALE, DecoderSpec
-from actors.wan import WanDecoder
-from actors.wan_context import context_cost_in_latents
 from infra.storage import open_store
 
 
@@ -25,15 +20,15 @@ class DecoderGeometry:
     z_dim: int
     spatial_scale: int
     receptive_field: int
-    # The Wan decoder on the meta device (no weights): topology and cost model only.
-    meta_decoder: object | None = None
+    # The Wan decoder's topology and cost model (None: a decoder without one).
+    topology: wan_topology.Topology | None = None
 
     def context_cost(self, latent_height: int, latent_width: int, context: int) -> float | None:
         """Steady latent frames' worth of work that pruned context costs (None: not prunable)."""
-        if self.meta_decoder is None:
+        if self.topology is None:
             return None
         s = self.spatial_scale
-        return context_cost_in_latents(self.meta_decoder, latent_height * s, latent_width * s, context)
+        return self.topology.context_cost_in_latents(latent_height * s, latent_width * s, context)
 
 
 def wan_config(spec: DecoderSpec) -> dict:
@@ -55,17 +50,16 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
     if spec.name == "test-pattern":
         d = TestPatternDecoder()
         return DecoderGeometry(d.z_dim, d.spatial_scale, d.receptive_field)
-    with torch.device("meta"):  # topology only: no memory, no weights
-        vae = AutoencoderKLWan.from_config(wan_config(spec))
-    decoder = WanDecoder(vae, device="meta")
+    config = wan_config(spec)
+    top = wan_topology.topology(config)
     # The architecture comes from config.json, but the job's defaults (fps) from the name:
     # a mix-up would decode one model while labelling it the other.
-    variant = decoder.name.removesuffix("-vae")
+    variant = wan_topology.variant_name(config).removesuffix("-vae")
     if spec.weights and variant in ("wan2.1", "wan2.2-ti2v") and variant != spec.name:
         raise ValueError(f"{spec.weights} holds a {variant} VAE (by its config.json), but the job asks for "
                          f"decoder {spec.name!r}; pass --decoder {variant}")
-    if decoder.time_scale != TEMPORAL_SCALE:
+    if top.time_scale != TEMPORAL_SCALE:
         # The planner's frame arithmetic (1 + 4(T-1) frames) is Wan's; refuse before any work.
-        raise ValueError(f"this VAE's config compresses time {decoder.time_scale}x; framefarm plans shards for "
+        raise ValueError(f"this VAE's config compresses time {top.time_scale}x; framefarm plans shards for "
                          f"Wan's {TEMPORAL_SCALE}x (temperal_downsample with two True entries)")
-    return DecoderGeometry(decoder.z_dim, decoder.spatial_scale, decoder.receptive_field, decoder)
+    return DecoderGeometry(top.z_dim, top.spatial_scale, top.receptive_field, top)

@@ -1,25 +1,124 @@
-"""The CUDA path of the frame pipeline and the decoder; skipped where torch sees no GPU.
+"""The CUDA paths of the frame pipeline and the decoder; skipped where torch sees no GPU.
 
 Run on the GPU machine: `python -m pytest tests/test_gpu.py`.
+
+Accuracy rules (issue 9): in fp32 the decoder turns TF32 off for its convolutions and
+matmuls, so under every option set (compiled regions and CUDA graphs included) it is
+diffusers' fp32 decode with TF32 off within 1e-5 relative L2. The old bound of 1e-4 failed
+at 9.2e-4 because cuDNN's default lets fp32 convolutions run in TF32 (about 1e-3 of
+relative error, rounded differently by each algorithm and layout), not because of the
+fused norms. In bf16 the decoder is no worse than diffusers' own bf16 decode against fp32.
 """
+
+import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from actors.decoders import TestPatternDecoder, pattern_latents, read_index
 from actors.colour import to_uint8_frames
 from actors.pipeline import run_pipeline
 from actors.sinks import open_sink, read_frames
-from actors.protocol import frames_to_drop, pixel_frames
+from actors.wan import DecoderOptions, WanDecoder, random_wan_decoder, tiny_wan_config
+from actors.protocol import frame_start, frames_to_drop, pixel_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+OPTION_SETS = {
+    "eager": DecoderOptions(conv_buffer=False),
+    "channels_last+conv_buffer": DecoderOptions(channels_last=True),
+    "+compile": DecoderOptions(channels_last=True, compile=True),
+    "+cuda_graphs (CUDA default)": DecoderOptions.for_device("cuda"),
+}
 
-def _tiny_decoder(device="cuda"):
-    from actors.wan import random_wan_decoder, tiny_wan_config
 
-    return random_wan_decoder(tiny_wan_config(), device=device, seed=3)
+def _tiny_decoder(device="cuda", **kw):
+    return random_wan_decoder(tiny_wan_config(), device=device, seed=3, **kw)
+
+
+def _vae(variant="2.1", seed=0) -> AutoencoderKLWan:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan.from_config(tiny_wan_config(variant)).eval().cuda()
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = saved
+
+
+def _diffusers(vae, z, dtype=torch.float32):
+    mean = torch.tensor(vae.config.latents_mean, device="cuda").view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device="cuda").view(-1, 1, 1, 1)
+    with torch.no_grad(), _tf32_off():
+        return vae.to(dtype).decode((z * std + mean).unsqueeze(0).to(dtype)).sample[0].float()
+
+
+def _rel(x, ref) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _decode(decoder, z, context=0):
+    return torch.cat(list(decoder.stream(z, context)), dim=1)
+
+
+@pytest.mark.parametrize("variant", ["2.1", "2.2"])
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_fp32_matches_diffusers_with_tf32_off(variant, name):
+    vae = _vae(variant)
+    z = torch.randn(vae.config.z_dim, 7, 8, 8, generator=torch.Generator().manual_seed(5)).cuda()
+    ref = _diffusers(vae, z)
+    # TF32 left at cuDNN's default (on) outside: the decoder turns it off for its own steps.
+    decoder = WanDecoder.from_vae(vae, device="cuda", options=OPTION_SETS[name])
+    assert _rel(_decode(decoder, z), ref) <= 1e-5
+
+
+def test_bf16_no_worse_than_diffusers_bf16():
+    """The CUDA default (compiled, graphed) in bf16 against diffusers' bf16, both against fp32.
+
+    Summed over three models: one tiny model alone moves a few percent either way.
+    """
+    ours = theirs = 0.0
+    for seed in range(3):
+        vae = _vae("2.1", seed)
+        z = torch.randn(16, 7, 16, 16, generator=torch.Generator().manual_seed(20 + seed)).cuda()
+        ref = _diffusers(vae, z)
+        decoder = WanDecoder.from_vae(vae, device="cuda", dtype=torch.bfloat16)
+        ours += _rel(_decode(decoder, z), ref)
+        theirs += _rel(_diffusers(vae, z, torch.bfloat16), ref)
+    assert ours <= theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_context_shards_are_exact_with_the_cuda_default(dtype):
+    """Shards decoded with pruned context (eager context steps, then graph replays) equal the
+    monolithic decode of the same decoder, bit for bit."""
+    decoder = _tiny_decoder(dtype=dtype)
+    k = decoder.receptive_field
+    z = torch.randn(16, k + 8, 8, 8, generator=torch.Generator().manual_seed(2)).cuda()
+    mono = _decode(decoder, z)
+    for start in (3, k + 4):
+        c = max(0, start - k)
+        shard = _decode(decoder, z[:, c : start + 4], start - c)
+        assert torch.equal(shard, mono[:, frame_start(start) : frame_start(start + 4)]), start
+
+
+def test_cuda_graph_replays_equal_the_compiled_eager_steps():
+    """Collected first, compared after: a replay must not overwrite a chunk already returned."""
+    vae = _vae()
+    z = torch.randn(16, 7, 8, 8, generator=torch.Generator().manual_seed(4)).cuda()
+    graphed = list(WanDecoder.from_vae(vae, device="cuda").stream(z))  # steps 4 to 6 are replays
+    options = dataclasses.replace(DecoderOptions.for_device("cuda"), cuda_graphs=False)
+    assert torch.equal(torch.cat(graphed, 1), _decode(WanDecoder.from_vae(vae, device="cuda", options=options), z))
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
