@@ -71,8 +71,9 @@ def _decode(decoder, z, context=0):
     return torch.cat(list(decoder.stream(z, context)), dim=1)
 
 
-@pytest.mark.parametrize("variant", ["2.1", "2.2"])
-@pytest.mark.parametrize("name", list(OPTION_SETS))
+# Every option set on Wan 2.1; Wan 2.2's own layers (channel-to-space shortcut, unpatchify)
+# under the CUDA default. One latent size throughout, so compiled regions are reused.
+@pytest.mark.parametrize("variant, name", [("2.1", n) for n in OPTION_SETS] + [("2.2", "+cuda_graphs (CUDA default)")])
 def test_fp32_matches_diffusers_with_tf32_off(variant, name):
     vae = _vae(variant)
     z = torch.randn(vae.config.z_dim, 7, 8, 8, generator=torch.Generator().manual_seed(5)).cuda()
@@ -90,7 +91,7 @@ def test_bf16_no_worse_than_diffusers_bf16():
     ours = theirs = 0.0
     for seed in range(3):
         vae = _vae("2.1", seed)
-        z = torch.randn(16, 7, 16, 16, generator=torch.Generator().manual_seed(20 + seed)).cuda()
+        z = torch.randn(16, 7, 8, 8, generator=torch.Generator().manual_seed(20 + seed)).cuda()
         ref = _diffusers(vae, z)
         decoder = WanDecoder.from_vae(vae, device="cuda", dtype=torch.bfloat16)
         ours += _rel(_decode(decoder, z), ref)

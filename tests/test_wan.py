@@ -381,7 +381,7 @@ def test_extra_context_is_skipped(tiny, mono):
 
 
 def test_context_depths_are_minimal():
-    """Lowering any conv's depth by one latent (and any later conv's to match) breaks the shard."""
+    """Lowering a conv's depth by one latent (and any later conv's to match) breaks the shard."""
     decoder = random_wan_decoder(tiny_wan_config("2.1"), seed=3)
     k = decoder.receptive_field
     s = k + 2
@@ -392,7 +392,11 @@ def test_context_depths_are_minimal():
     for i in range(2, s):
         decoder.step(full, z[:, i])
     assert torch.equal(ref, decoder.step(full, z[:, s]))
-    for i, d in enumerate(depths):
+    # The last conv of each run of equal depths: lowering an earlier one lowers it too (the
+    # convs that see a latent are a prefix of the step), so these are the weakest changes.
+    ends = [i for i, d in enumerate(depths) if i + 1 == len(depths) or depths[i + 1] < d]
+    for i in ends:
+        d = depths[i]
         if d == 1:
             continue  # a conv that sees no context at all would keep no history
         lower = [min(x, d - 1) if j >= i else x for j, x in enumerate(depths)]
