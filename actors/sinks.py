@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,7 +30,8 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from actors.protocol import check_format
-from infra.staged import Staged
+from actors.stitch import concat_segments
+from infra.staged import Staged, tmp_sibling
 
 _MKV_ALIASES = ("ffv1", "mkv")
 
@@ -101,17 +104,103 @@ def encoder_opens(codec: str, width: int = 256, height: int = 256) -> bool:
 
 
 def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, encoder: str = "auto",
-              crf: int = 18, preset: str = "veryfast", threads: int = 1) -> Sink:
+              crf: int = 18, preset: str = "veryfast", threads: int = 1, frames: int | None = None,
+              parts: int | None = None) -> Sink:
+    """A sink for one segment of `fmt` at `path`.
+
+    mp4 with libx264: given the segment's frame count (`frames`), the sink encodes it as
+    consecutive parts in parallel (see `_PartedMp4Sink`); `parts` overrides how many
+    (None: chosen from this process's cores and the frame size; 1: one encoder).
+    """
     fmt = check_format(fmt)
     if width <= 0 or height <= 0:
         raise ValueError(f"bad frame size {width}x{height}")
     if fps <= 0:
         raise ValueError(f"bad fps {fps}")
+    if frames is not None and frames < 1:
+        raise ValueError(f"a segment of {frames} frames")
     if fmt == "mp4":
+        if frames is not None and encoder != "h264_nvenc" and parts != 1:
+            sizes, part_threads = plan_parts(frames, width, height, available_cores(), parts)
+            # NVENC is one fast stream on its own engine: never split it.
+            if len(sizes) > 1 and (encoder == "libx264" or not nvenc_available(width, height)):
+                return _PartedMp4Sink(path, width, height, fps, sizes, crf=crf, preset=preset,
+                                      threads=part_threads)
         return _Mp4Sink(path, width, height, fps, encoder=encoder, crf=crf, preset=preset, threads=threads)
     if fmt in _MKV_ALIASES:
         return _Ffv1Sink(path, width, height, fps, threads=threads)
     return _PngTarSink(path, width, height, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------
+# Frame-parallel H.264: how a segment is cut into parts
+
+# A part shorter than this pays its IDR frame over too few frames (bytes), and longer parts
+# than the mean make the encoders fall behind the decoder early in a shard (host memory).
+MIN_PART_FRAMES = 12
+MEAN_PART_FRAMES = 16
+# Parts shrink along the segment, the last about a fifth of the first: the frames that
+# arrive last are then encoded by several encoders at once, so the segment is finished
+# soon after its last frame arrives instead of one long part's encoding later.
+LAST_OVER_FIRST = 0.2
+# Below this many pixels a frame encodes so fast that one encoder keeps up.
+MIN_PARTED_PIXELS = 640 * 360
+# Decoded frames that may wait for their part's encoder (about 370 frames of 720p I420).
+_BUFFER_BYTES = 512 * 2**20
+_POLL_S = 0.1
+_ABORT_JOIN_S = 30.0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: `taskset`, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def plan_parts(frames: int, width: int, height: int, cores: int, parts: int | None = None
+               ) -> tuple[list[int], int]:
+    """Consecutive part sizes for a segment of `frames` frames, and libx264 threads per part.
+
+    Each part is a closed H.264 stream of its own encoder, encoded beside the others and
+    joined without re-encoding. Frames reach the sink in order, as fast as the decoder makes
+    them: equal parts would leave the last one's whole encoding after the last frame, so the
+    parts shrink geometrically. Two parts' encoders fill the cores (`cores // 2` threads
+    each) and more overlap near the end. `parts` overrides the count (1: one encoder).
+    """
+    if parts is None:
+        if cores < 2 or width * height < MIN_PARTED_PIXELS:
+            parts = 1
+        else:
+            parts = round(frames / MEAN_PART_FRAMES)
+    parts = max(1, min(parts, frames // MIN_PART_FRAMES))
+    if parts == 1:
+        return [frames], 0
+    ratio = LAST_OVER_FIRST ** (1 / (parts - 1))
+    sizes = _split([ratio ** i for i in range(parts)], frames, MIN_PART_FRAMES)
+    return sizes, max(1, cores // 2)
+
+
+def _split(weights: list[float], total: int, minimum: int) -> list[int]:
+    """Integers in proportion to `weights`, each >= `minimum`, summing to `total`."""
+    fixed: set[int] = set()  # parts held at the minimum
+    while True:
+        free = [i for i in range(len(weights)) if i not in fixed]
+        budget = total - minimum * len(fixed)
+        scale = budget / sum(weights[i] for i in free)
+        short = [i for i in free if weights[i] * scale < minimum]
+        if not short:
+            break
+        fixed.update(short)
+    sizes = [minimum] * len(weights)
+    exact = {i: weights[i] * scale for i in free}
+    for i in free:
+        sizes[i] = int(exact[i])
+    # Largest remainders first, so that the rounding follows the weights.
+    for i in sorted(free, key=lambda i: exact[i] - sizes[i], reverse=True)[: total - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,6 +384,192 @@ class _Mp4Sink(_AvSink):
         return self._reformatter.reformat(
             super()._to_av_frame(rgb), format="yuv420p", dst_colorspace=Colorspace.ITU709,
             dst_color_range=ColorRange.MPEG)
+
+
+class _PartedMp4Sink:
+    """An mp4 segment encoded as consecutive parts by libx264 encoders side by side, then joined.
+
+    Each part is a whole mp4 of its own encoder (a closed H.264 stream, the same codec
+    parameters as every other part) written beside the segment under a hidden name, by its
+    own thread. close() waits for the parts and remuxes their packets into the segment
+    (actors/stitch.py: bytes untouched, timestamps shifted, frame counts and timestamps
+    checked), which appears at `path` complete or not at all. Frames are copied on arrival,
+    since the frame pipeline reuses its buffers, and wait in memory for their part's encoder:
+    at most `max_buffered` of them, beyond which write() blocks (the pipeline then reports
+    the host as its bottleneck).
+    """
+
+    codec = "libx264"
+    layout = "yuv420p"
+
+    def __init__(self, path: str, width: int, height: int, fps: int, sizes: list[int], *, crf: int,
+                 preset: str, threads: int, max_buffered: int | None = None):
+        self.path = os.path.abspath(path)
+        self.width, self.height, self.fps = width, height, fps
+        self.sizes = list(sizes)
+        self.total = sum(sizes)
+        self.frames = 0  # received so far
+        self._options = dict(encoder="libx264", crf=crf, preset=preset, threads=threads)
+        frame_bytes = width * height * 3 // 2
+        self.max_buffered = max_buffered or max(2 * MIN_PART_FRAMES, _BUFFER_BYTES // frame_bytes)
+        self._cond = threading.Condition()
+        self._buffered = 0
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._parts: list[_Part] = []
+        self._state = "open"
+        self._seconds = 0.0
+        # The first part's encoder opens now, so that one that cannot run fails in open_sink.
+        self._open_part()
+
+    def _open_part(self) -> _Part:
+        index = len(self._parts)
+        part_path = tmp_sibling(self.path, f".part{index:04d}")
+        sink = _Mp4Sink(part_path, self.width, self.height, self.fps, **self._options)
+        part = _Part(self, index, sink, self.sizes[index])
+        self._parts.append(part)
+        return part
+
+    def write(self, frames: np.ndarray) -> None:
+        start = time.perf_counter()
+        try:
+            self._check_open()
+            frames = np.asarray(frames)
+            if frames.ndim == 4:  # RGB: the host converts, as the one-encoder sink does
+                frames = np.stack([self._to_i420(f) for f in frames])
+            if frames.ndim != 3 or frames.shape[1:] != (self.height * 3 // 2, self.width) or frames.dtype != np.uint8:
+                raise ValueError(f"{self.path}: expected yuv420p uint8 frames [F, {self.height * 3 // 2}, "
+                                 f"{self.width}], got {frames.dtype} {list(frames.shape)}")
+            if self.frames + len(frames) > self.total:
+                raise ValueError(f"{self.path}: more than the {self.total} frames this segment was opened for")
+            while len(frames):
+                part = self._parts[-1]
+                if part.received == part.size:
+                    part = self._open_part()
+                n = min(len(frames), part.size - part.received)
+                self._reserve(n)
+                part.put(frames[:n].copy())  # the caller's buffer goes back to its ring
+                frames = frames[n:]
+                self.frames += n
+        finally:
+            self._seconds += time.perf_counter() - start
+
+    def _to_i420(self, rgb: np.ndarray) -> np.ndarray:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        yuv = frame.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
+        return yuv.to_ndarray()
+
+    def _reserve(self, n: int) -> None:
+        """Wait until `n` more frames may wait in memory (all of them if nothing waits)."""
+        with self._cond:
+            while self._buffered and self._buffered + n > self.max_buffered:
+                self._raise_failure()
+                self._cond.wait(_POLL_S)
+            self._raise_failure()
+            self._buffered += n
+
+    def _done_with(self, n: int) -> None:
+        with self._cond:
+            self._buffered -= n
+            self._cond.notify_all()
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._stop.set()
+            self._cond.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"{self.path}: a part's encoder failed: {self._error!r}") from self._error
+
+    def close(self) -> SinkResult:
+        self._check_open()
+        start = time.perf_counter()
+        try:
+            if self.frames != self.total:
+                raise ValueError(f"{self.path}: {self.frames} frames written, the segment was opened for "
+                                 f"{self.total}")
+            for part in self._parts:
+                part.join(self._raise_failure)
+            self._raise_failure()
+            joined = concat_segments([p.sink.path for p in self._parts], "mp4", self.path, self.fps,
+                                     expected_frames=self.sizes)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._seconds += time.perf_counter() - start
+        self._remove_parts()
+        self._state = "closed"
+        return SinkResult(self.path, self.total, joined.bytes, time.perf_counter() - start, self._seconds, self.codec)
+
+    def abort(self) -> None:
+        if self._state in ("closed", "aborted"):
+            return
+        self._state = "aborted"
+        self._stop.set()
+        for part in self._parts:
+            part.join(None, timeout=_ABORT_JOIN_S)
+        self._remove_parts()
+
+    def _remove_parts(self) -> None:
+        for part in self._parts:
+            part.sink.abort()  # a part that did not finish: its temporary file
+            try:
+                os.remove(part.sink.path)  # a part that did: the part itself
+            except FileNotFoundError:
+                pass
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: sink is {self._state}")
+        self._raise_failure()
+
+
+class _Part:
+    """One part of a `_PartedMp4Sink`: its encoder, fed from a queue by its own thread."""
+
+    def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Sink, size: int):
+        self.owner, self.sink, self.size = owner, sink, size
+        self.received = 0
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"framefarm-x264-part{index}", daemon=True)
+        self.thread.start()
+
+    def put(self, frames: np.ndarray) -> None:
+        self.received += len(frames)
+        self.queue.put(frames)
+
+    def _run(self) -> None:
+        encoded = 0
+        try:
+            while encoded < self.size:
+                if self.owner._stop.is_set():
+                    self.sink.abort()
+                    return
+                try:
+                    frames = self.queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                self.sink.write(frames)
+                encoded += len(frames)
+                self.owner._done_with(len(frames))
+            self.sink.close()
+        except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
+            self.sink.abort()
+            self.owner._failed(exc)
+
+    def join(self, check, timeout: float | None = None) -> None:
+        """Wait for the part's thread; `check` (re-raising a part's failure) runs between waits."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.thread.is_alive():
+            if check is not None:
+                check()
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            self.thread.join(_POLL_S)
 
 
 class _Ffv1Sink(_AvSink):

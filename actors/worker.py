@@ -274,7 +274,8 @@ class ShardWorker:
             chunks, drop = decoder.stream(latents), shard.drop
         encoder = self._encoder(task.encoder) if task.format == "mp4" else task.encoder
         sink = open_sink(task.format, local, width, height, task.fps, encoder=encoder,
-                         crf=task.crf, preset=task.preset, threads=task.encoder_threads)
+                         crf=task.crf, preset=task.preset, threads=task.encoder_threads,
+                         frames=shard.frame_count)
         pipeline_started = time.time()
         report, result = run_pipeline(chunks, sink, drop=drop, depth=task.depth,
                                       device=self.device, ring=self._ring)

@@ -243,3 +243,69 @@ def test_encoder_probe_answers_yes_and_no_with_real_encoders():
     assert encoder_opens("libx264") is True
     assert encoder_opens("no_such_encoder") is False
     assert isinstance(nvenc_available(), bool)
+
+
+# ---------------------------------------------------------------------------------------
+# Frame-parallel mp4: a segment encoded as consecutive parts side by side, joined
+
+
+def test_parts_shrink_cover_the_segment_and_follow_the_cores():
+    from actors.sinks import MIN_PART_FRAMES, plan_parts
+
+    for frames in (24, 40, 161, 321, 2001):
+        sizes, threads = plan_parts(frames, 1280, 720, cores=8)
+        assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES and threads == 4
+        assert sizes == sorted(sizes, reverse=True)  # the last frames go to the shortest parts
+    assert len(plan_parts(161, 1280, 720, cores=8)[0]) == 10
+    assert plan_parts(161, 1280, 720, cores=2)[1] == 1
+    # One encoder: a single core, frames too small to be worth it, too few frames, or asked.
+    for args, kwargs in [((161, 1280, 720, 1), {}), ((161, W, H, 8), {}), ((20, 1280, 720, 8), {}),
+                         ((161, 1280, 720, 8), {"parts": 1})]:
+        assert plan_parts(*args, **kwargs) == ([args[0]], 0)
+    assert plan_parts(161, W, H, 2, parts=4)[0] == [76, 44, 26, 15]  # the last a fifth of the first
+
+
+@pytest.mark.parametrize("layout", ["rgb24", "yuv420p"])
+def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_path, layout):
+    from actors.colour import to_yuv420_frames
+    from actors.stitch import concat_segments, inspect_segment
+
+    frames = pattern_frames(0, 61)
+    path = str(tmp_path / "parted.mp4")
+    sink = open_sink("mp4", path, W, H, 16, encoder="libx264", frames=61, parts=4)
+    assert len(sink.sizes) == 4 and sum(sink.sizes) == 61
+    if layout == "yuv420p":  # as the frame pipeline hands it over, in chunks of 4
+        chw = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1)
+        frames = to_yuv420_frames(chw).numpy()
+    for i in range(0, 61, 4):
+        chunk = frames[i:i + 4].copy()
+        sink.write(chunk)
+        chunk[:] = 0  # the caller's buffer is reused at once: the sink kept its own copy
+    result = sink.close()
+    assert result.frames == 61 and result.codec == "libx264" and result.bytes == os.path.getsize(path)
+    assert visible(tmp_path) == ["parted.mp4"]  # no part left behind
+    assert [read_index(f) for f in read_frames(path, "mp4")] == list(range(61))
+    assert inspect_segment(path, "mp4", 16, expected=61).frames == 61
+    # A segment of one encoder and a parted one join into one video: the same stream parameters.
+    single = open_sink("mp4", str(tmp_path / "single.mp4"), W, H, 16, encoder="libx264", frames=8, parts=1)
+    single.write(pattern_frames(61, 8))
+    single.close()
+    out = str(tmp_path / "video.mp4")
+    concat_segments([path, str(tmp_path / "single.mp4")], "mp4", out, 16, expected_frames=[61, 8])
+    assert [read_index(f) for f in read_frames(out, "mp4")] == list(range(69))
+
+
+def test_a_parted_segment_short_of_frames_or_aborted_leaves_nothing(tmp_path):
+    sink = open_sink("mp4", str(tmp_path / "short.mp4"), W, H, 16, encoder="libx264", frames=48, parts=3)
+    sink.write(pattern_frames(0, 40))
+    with pytest.raises(ValueError, match="40 frames written"):
+        sink.close()
+    long = open_sink("mp4", str(tmp_path / "long.mp4"), W, H, 16, encoder="libx264", frames=48, parts=3)
+    with pytest.raises(ValueError, match="more than the 48 frames"):
+        long.write(pattern_frames(0, 49))
+    long.abort()
+    aborted = open_sink("mp4", str(tmp_path / "aborted.mp4"), W, H, 16, encoder="libx264", frames=48, parts=3)
+    aborted.write(pattern_frames(0, 30))
+    aborted.abort()
+    aborted.abort()
+    assert visible(tmp_path) == []
