@@ -227,18 +227,24 @@ def _shift(view: torch.Tensor, t: int) -> None:
 
 
 @contextlib.contextmanager
-def _ieee_fp32(active: bool):
-    """TF32 off for convolutions and matmuls while an fp32 step runs (see the module docstring)."""
-    if not active:
-        yield
+def ieee_fp32():
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block, restored after:
+    torch's precision API where it exists (2.9 and later), the allow_tf32 flags before it."""
+    conv, mm = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if hasattr(conv, "fp32_precision") and hasattr(mm, "fp32_precision"):
+        saved = conv.fp32_precision, mm.fp32_precision
+        conv.fp32_precision = mm.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, mm.fp32_precision = saved
         return
-    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, mm.fp32_precision
-    conv.fp32_precision = mm.fp32_precision = "ieee"
+    saved = torch.backends.cudnn.allow_tf32, mm.allow_tf32
+    torch.backends.cudnn.allow_tf32 = mm.allow_tf32 = False
     try:
         yield
     finally:
-        conv.fp32_precision, mm.fp32_precision = saved
+        torch.backends.cudnn.allow_tf32, mm.allow_tf32 = saved
 
 
 class _Stop(Exception):
@@ -460,7 +466,8 @@ class WanDecoder:
         first = state.calls == 0
         # no_grad rather than inference_mode: inference tensors would refuse the caller's
         # in-place ops outside the mode (a uint8 conversion with add_/mul_).
-        with torch.no_grad(), _ieee_fp32(self.dtype == torch.float32 and self.device.type == "cuda"):
+        fp32 = self.dtype == torch.float32 and self.device.type == "cuda"
+        with torch.no_grad(), ieee_fp32() if fp32 else contextlib.nullcontext():
             z = latent_frame.to(self.device, self.dtype, non_blocking=True)
             if limit < n:
                 out = self._run(state, z, first, limit, probe) if limit > 0 else None

@@ -35,7 +35,7 @@ import time
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
-from actors.wan import WanDecoder, tiny_wan_config
+from actors.wan import WanDecoder, ieee_fp32, tiny_wan_config
 
 GUARD = 1e-2
 STAGES = 4  # latent resolution, then three 2x spatial upsamples (Wan 2.1)
@@ -144,8 +144,11 @@ def variants(vae: AutoencoderKLWan, latent_w: int, device: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # An fp32 reference that is fp32 (the decoder turns TF32 off for its own fp32 steps).
-    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+    with ieee_fp32():  # an fp32 reference that is fp32 (the decoder turns TF32 off for its own fp32 steps)
+        return measure(args)
+
+
+def measure(args) -> int:
     rows, t0 = [], time.perf_counter()
     for seed in args.seed_list:
         with torch.random.fork_rng(devices=[]):

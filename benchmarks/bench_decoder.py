@@ -45,7 +45,7 @@ import traceback
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
-from actors.wan import DecoderOptions, WanDecoder, ti2v_config, tiny_wan_config
+from actors.wan import DecoderOptions, WanDecoder, ieee_fp32, ti2v_config, tiny_wan_config
 
 WARMUP_STEPS = 4  # the first latent, then up to graph_warmup eager steady steps, then the capture
 OPTION_SETS: dict[str, DecoderOptions] = {
@@ -143,21 +143,6 @@ class Clock:
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-
-@contextlib.contextmanager
-def true_fp32(device: torch.device):
-    """diffusers' fp32 reference with TF32 off for convs and matmuls (the decoder does the same itself)."""
-    if device.type != "cuda":
-        yield
-        return
-    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, mm.fp32_precision
-    conv.fp32_precision = mm.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision, mm.fp32_precision = saved
 
 
 def reset_memory(device) -> int:
@@ -339,7 +324,8 @@ def run_stages(decoder: WanDecoder, latents: torch.Tensor, device) -> dict:
 
 
 def decode_reference(vae32: AutoencoderKLWan, latents: torch.Tensor, device) -> list[torch.Tensor]:
-    with torch.no_grad(), true_fp32(device):
+    # diffusers' fp32 reference with TF32 off for convs and matmuls (the decoder does the same itself).
+    with torch.no_grad(), ieee_fp32() if device.type == "cuda" else contextlib.nullcontext():
         return chunks_of(vae32.decode(unnormalized(vae32, latents, torch.float32)).sample[0])
 
 

@@ -10,7 +10,6 @@ relative error, rounded differently by each algorithm and layout), not because o
 fused norms. In bf16 the decoder is no worse than diffusers' own bf16 decode against fp32.
 """
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -22,7 +21,7 @@ from actors.decoders import TestPatternDecoder, pattern_latents, read_index
 from actors.colour import to_uint8_frames
 from actors.pipeline import run_pipeline
 from actors.sinks import open_sink, read_frames
-from actors.wan import DecoderOptions, WanDecoder, random_wan_decoder, tiny_wan_config
+from actors.wan import DecoderOptions, WanDecoder, ieee_fp32, random_wan_decoder, tiny_wan_config
 from actors.protocol import frame_start, frames_to_drop, pixel_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,21 +44,10 @@ def _vae(variant="2.1", seed=0) -> AutoencoderKLWan:
         return AutoencoderKLWan.from_config(tiny_wan_config(variant)).eval().cuda()
 
 
-@contextlib.contextmanager
-def _tf32_off():
-    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, mm.fp32_precision
-    conv.fp32_precision = mm.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        conv.fp32_precision, mm.fp32_precision = saved
-
-
 def _diffusers(vae, z, dtype=torch.float32):
     mean = torch.tensor(vae.config.latents_mean, device="cuda").view(-1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device="cuda").view(-1, 1, 1, 1)
-    with torch.no_grad(), _tf32_off():
+    with torch.no_grad(), ieee_fp32():
         return vae.to(dtype).decode((z * std + mean).unsqueeze(0).to(dtype)).sample[0].float()
 
 
