@@ -23,7 +23,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from actors.protocol import video_name
+from actors.protocol import Segment, video_name
 from actors.stitch import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
 from infra.storage import open_store
@@ -37,7 +37,7 @@ class SegmentError(RuntimeError):
 
 @dataclass
 class _Verified:
-    meta: dict
+    segment: Segment
     path: str
     fetched: bool  # a scratch copy to remove once appended
     layout: SegmentLayout
@@ -83,10 +83,10 @@ class SegmentAssembler:
         with self._cond:
             return self._next
 
-    def add(self, meta: dict) -> int:
-        """Accept a committed segment's metadata and start verifying it; returns how many
-        shards are appended so far. Raises the error of any segment that already failed."""
-        index = meta["shard"]
+    def add(self, segment: Segment) -> int:
+        """Accept a committed segment and start verifying it; returns how many shards are
+        appended so far. Raises the error of any segment that already failed."""
+        index = segment.index
         with self._cond:
             self._raise_failure()
             if self._stop:
@@ -95,7 +95,7 @@ class SegmentAssembler:
                 raise ValueError(f"shard {index} is outside this job's {self.shard_count} shards")
             if index in self._arrived:
                 raise ValueError(f"shard {index} was added twice")
-            self._arrived[index] = self._verify_pool.submit(self._verify, meta)
+            self._arrived[index] = self._verify_pool.submit(self._verify, segment)
             self._cond.notify_all()
             return self._next
 
@@ -165,37 +165,37 @@ class SegmentAssembler:
         self._verify_pool.shutdown(wait=True, cancel_futures=True)
         self._hash_pool.shutdown(wait=True, cancel_futures=True)
 
-    def _verify(self, meta: dict) -> _Verified:
+    def _verify(self, segment: Segment) -> _Verified:
         """Runs in the verification pool: everything about a segment short of appending it."""
         t = time.perf_counter()
-        key = meta["key"]
+        key = segment.key
         path = self.store.local_path(key)
         fetched = path is None
         if fetched:
             # The shard index keeps two segments of one name (other jobs' prefixes) apart.
-            path = os.path.join(self.scratch, f"{meta['shard']:06d}-{os.path.basename(key)}")
+            path = os.path.join(self.scratch, f"{segment.index:06d}-{os.path.basename(key)}")
             self.store.get_file(key, path)
         try:
             size = os.path.getsize(path)
-            if size != meta["bytes"]:
-                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {meta['bytes']}")
+            if size != segment.bytes:
+                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {segment.bytes}")
             digest = self._hash_pool.submit(sha256_file, path)
             try:
                 layout = inspect_segment(path, self.fmt, self.fps)
             finally:
                 sha256 = digest.result()  # also when inspection failed: no hash left running
-            if sha256 != meta["sha256"]:
+            if sha256 != segment.sha256:
                 raise SegmentError(f"segment {key}: sha256 {sha256[:12]}..., its worker reported "
-                                   f"{meta['sha256'][:12]}...; delete it and run the job again")
-            if layout.frames != meta["frames"]:
-                raise SegmentError(f"segment {key}: {layout.frames} frames, expected {meta['frames']}")
+                                   f"{segment.sha256[:12]}...; delete it and run the job again")
+            if layout.frames != segment.frames:
+                raise SegmentError(f"segment {key}: {layout.frames} frames, expected {segment.frames}")
         except ValueError as exc:  # inspect_segment's refusal of a malformed segment
             self._discard(path, fetched)
             raise SegmentError(str(exc)) from exc
         except BaseException:
             self._discard(path, fetched)
             raise
-        return _Verified(meta, path, fetched, layout, time.perf_counter() - t)
+        return _Verified(segment, path, fetched, layout, time.perf_counter() - t)
 
     @staticmethod
     def _discard(path: str, fetched: bool) -> None:
@@ -226,7 +226,7 @@ class SegmentAssembler:
                             if self._stop:
                                 return
                 try:
-                    self.concat.append(seg.path, seg.meta["frames"], seg.layout)
+                    self.concat.append(seg.path, seg.segment.frames, seg.layout)
                 finally:
                     self._discard(seg.path, seg.fetched)
                 with self._cond:

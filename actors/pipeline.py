@@ -36,54 +36,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from actors.colour import frame_converter
+from actors.protocol import PipelineReport
 from actors.sinks import Sink, SinkResult
 
 _POLL_S = 0.1
 _JOIN_TIMEOUT_S = 60.0
-
-
-@dataclass
-class PipelineReport:
-    mode: str  # "async", or "sync" for depth 0
-    frames: int = 0
-    chunks: int = 0
-    wall_s: float = 0.0
-    gpu_busy_s: float = 0.0  # decoder + frame conversion, by CUDA events (wall time on CPU)
-    gpu_span_s: float = 0.0  # from the first chunk's start to the last chunk's end
-    copy_s: float = 0.0  # device-to-host copies, by CUDA events
-    host_busy_s: float = 0.0  # inside sink.write
-    flush_s: float = 0.0  # the sink's final flush and commit, apart from the rest
-    wait_for_buffer_s: float = 0.0  # decode loop blocked on a free host buffer
-    buffer_waits: int = 0  # chunks that found the ring full (backpressure from the host)
-    host_idle_s: float = 0.0  # host thread waiting for a chunk
-    peak_gpu_bytes: int = 0
-    sink: dict = field(default_factory=dict)
-
-    @property
-    def gpu_utilization(self) -> float:
-        return self.gpu_busy_s / self.gpu_span_s if self.gpu_span_s > 0 else 0.0
-
-    @property
-    def bottleneck(self) -> str:
-        """The stage with the most work: in a pipeline it sets the pace, the others wait for it.
-
-        Waits are not evidence: in the async mode the decode loop also waits for a free buffer
-        when the GPU itself is behind, since a buffer comes back only after its copy landed.
-        """
-        stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
-        return max(stages, key=stages.get)
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["gpu_utilization"] = self.gpu_utilization
-        d["bottleneck"] = self.bottleneck
-        return d
 
 
 class _StageError:

@@ -13,15 +13,18 @@ frames that the context latents produce are decoded and then dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.startup import StartupReport
 
 TEMPORAL_SCALE = 4
 
@@ -224,24 +227,51 @@ class RenderSpec(BaseModel):
 
 
 @dataclass(frozen=True)
+class EncodeSpec:
+    """How a worker encodes its segment: the output part of a RenderSpec."""
+
+    format: str
+    fps: int
+    encoder: str  # "auto" is resolved by the driver before the first shard (one encoder a job)
+    crf: int
+    preset: str
+    threads: int  # 0: the encoder chooses by core count
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How a worker turns latents into frames: the decode part of a RenderSpec (`decoder` is
+    which model; the rest, how its stream runs)."""
+
+    decoder: DecoderSpec
+    context_mode: str  # "pruned" or "full"
+    depth: int  # pinned host buffers in the frame pipeline's ring
+    compile_cache: str | None = None  # where compiled decoder code is kept (a store URI); None: nowhere
+
+
+@dataclass(frozen=True)
 class ShardTask:
     """One shard of one job, as the driver hands it to a worker."""
 
-    job_id: str
+    job_id: str  # the job's fingerprint
     shard: Shard
     output_uri: str  # the job's output prefix; the segment goes under `segment_key` there
     segment_key: str
-    decoder: DecoderSpec
-    format: str = "mp4"
-    fps: int = 16
-    encoder: str = "auto"
-    crf: int = 18
-    preset: str = "veryfast"
-    encoder_threads: int = 0
-    context_mode: str = "pruned"
-    depth: int = 2
+    decode: DecodeSpec
+    encode: EncodeSpec
     attempt: int = 1
-    compile_cache: str | None = None  # where compiled decoder code is kept (a store URI); None: nowhere
+
+    @property
+    def decoder(self) -> DecoderSpec:
+        return self.decode.decoder
+
+
+def shard_task(spec: RenderSpec, job_id: str, shard: Shard, *, encoder: str | None = None,
+               compile_cache: str | None = None, attempt: int = 1) -> ShardTask:
+    """The one place a job's spec becomes a worker's task. `encoder`: what "auto" resolved to."""
+    decode = DecodeSpec(spec.decoder, spec.context_mode, spec.depth, compile_cache)
+    encode = EncodeSpec(spec.format, spec.fps, encoder or spec.encoder, spec.crf, spec.preset, spec.encoder_threads)
+    return ShardTask(job_id, shard, spec.output, segment_key(job_id, shard, spec.format), decode, encode, attempt)
 
 
 @dataclass(frozen=True)
@@ -269,3 +299,149 @@ class LatentSlice:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             raw = torch.from_numpy(self.data)
         return raw.view(getattr(torch, self.dtype)).reshape(self.shape)
+
+
+# -- worker -> driver -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where a worker runs: its device, host and process (and, under Ray, node and GPU ids)."""
+
+    device: str
+    device_name: str
+    device_memory: int  # bytes
+    hostname: str
+    pid: int
+    cuda_visible_devices: str = ""
+    node_id: str = ""
+    gpu_ids: tuple[str, ...] = ()
+
+    @property
+    def track(self) -> str:
+        """One name per worker process, for timelines and start-up reports."""
+        return f"{self.hostname} gpu {','.join(self.gpu_ids) or self.device} (pid {self.pid})"
+
+
+@dataclass
+class PipelineReport:
+    """What the frame pipeline measured over one shard (seconds, bytes, counts)."""
+
+    mode: str  # "async", or "sync" for depth 0
+    frames: int = 0
+    chunks: int = 0
+    wall_s: float = 0.0
+    gpu_busy_s: float = 0.0  # decoder + frame conversion, by CUDA events (wall time on CPU)
+    gpu_span_s: float = 0.0  # from the first chunk's start to the last chunk's end
+    copy_s: float = 0.0  # device-to-host copies, by CUDA events
+    host_busy_s: float = 0.0  # inside sink.write
+    flush_s: float = 0.0  # the sink's final flush and commit, apart from the rest
+    wait_for_buffer_s: float = 0.0  # decode loop blocked on a free host buffer
+    buffer_waits: int = 0  # chunks that found the ring full (backpressure from the host)
+    host_idle_s: float = 0.0  # host thread waiting for a chunk
+    peak_gpu_bytes: int = 0
+    sink: dict = field(default_factory=dict)
+
+    @property
+    def gpu_utilization(self) -> float:
+        return self.gpu_busy_s / self.gpu_span_s if self.gpu_span_s > 0 else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        """The stage with the most work: in a pipeline it sets the pace, the others wait for it.
+
+        Waits are not evidence: in the async mode the decode loop also waits for a free buffer
+        when the GPU itself is behind, since a buffer comes back only after its copy landed.
+        """
+        stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
+        return max(stages, key=stages.get)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["gpu_utilization"] = self.gpu_utilization
+        d["bottleneck"] = self.bottleneck
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PipelineReport:
+        """The inverse of `as_dict` (derived values are recomputed, not read)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A committed segment file, as the stitcher verifies and joins it."""
+
+    index: int  # the shard's
+    key: str  # under the job's output prefix
+    frames: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """What a worker reports for a committed shard, and writes beside the segment (its sidecar).
+
+    Times are seconds since the epoch: `started` when the shard's decode began (after any
+    start-up), `pipeline_started`/`pipeline_ended` around the frame pipeline, `ended` once the
+    segment was in storage.
+    """
+
+    job_id: str  # the job's fingerprint
+    shard: Shard
+    key: str
+    frames: int
+    bytes: int
+    sha256: str
+    attempt: int
+    width: int
+    height: int
+    started: float
+    pipeline_started: float
+    pipeline_ended: float
+    ended: float
+    worker: WorkerInfo
+    report: PipelineReport
+    startup: StartupReport | None = None  # the worker's start-up so far (None in old sidecars)
+    reused: bool = False  # found committed by an earlier run of the job, not decoded in this one
+
+    @property
+    def segment(self) -> Segment:
+        return Segment(self.shard.index, self.key, self.frames, self.bytes, self.sha256)
+
+    @property
+    def codec(self) -> str | None:
+        """The encoder that actually ran (None when the sink did not say)."""
+        return self.report.sink.get("codec")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(shard=asdict(self.shard), worker=asdict(self.worker), report=self.report.as_dict(),
+                 startup=None if self.startup is None else self.startup.as_dict())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegmentRecord:
+        """Raises ValueError when `d` is not a record (a damaged or foreign sidecar)."""
+        try:
+            worker = dict(d["worker"])
+            worker["gpu_ids"] = tuple(worker.get("gpu_ids", ()))
+            return cls(**{**d, "shard": Shard(**d["shard"]), "worker": WorkerInfo(**worker),
+                          "report": PipelineReport.from_dict(d["report"]),
+                          "startup": None if d.get("startup") is None else StartupReport.from_dict(d["startup"])})
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a segment record: {type(exc).__name__}: {exc}") from exc
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SegmentRecord:
+        try:
+            d = json.loads(data)
+        except ValueError as exc:
+            raise ValueError(f"not a segment record: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ValueError("not a segment record: not a JSON object")
+        return cls.from_dict(d)

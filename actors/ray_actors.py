@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
 from actors.assemble import SegmentAssembler  # noqa: E402
-from actors.protocol import LatentSlice, ShardTask  # noqa: E402
+from actors.protocol import LatentSlice, Segment, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.startup import StartupClock, process_started_at  # noqa: E402
 from actors.worker import ShardWorker  # noqa: E402
 
@@ -31,10 +31,10 @@ class _DecodeWorker:
         if spawned is not None and spawned < _IMPORTS_STARTED:
             clock.add("process", spawned, _IMPORTS_STARTED, "Ray worker process up")
         clock.add("imports", _IMPORTS_STARTED, _IMPORTS_ENDED)
-        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock)
-        ctx = ray.get_runtime_context()
-        self.node_id = ctx.get_node_id()
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock, node_id=self.node_id,
+                                  gpu_ids=self.gpu_ids)
         tags = ("device",)
         self.frames = metrics.Counter("framefarm_frames_decoded", "Pixel frames decoded and committed",
                                       tag_keys=tags)
@@ -44,30 +44,28 @@ class _DecodeWorker:
                                   "GPU busy fraction during the last shard's pipeline", tag_keys=tags)
         self.tags = {"device": f"{self.node_id[:8]}:{','.join(self.gpu_ids) or 'cpu'}"}
 
-    def describe(self) -> dict:
-        return {**self.worker.info, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
-                "cuda": torch.cuda.is_available(), "startup": self.worker.startup.as_dict()}
+    def describe(self) -> WorkerInfo:
+        return self.worker.info
 
     def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
                     compile_cache: str | None = None) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
 
-    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> dict:
+    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
         t = time.perf_counter()
-        meta = self.worker.render_shard(task, latents)
-        self.frames.inc(meta["frames"], tags=self.tags)
+        record = self.worker.render_shard(task, latents)
+        self.frames.inc(record.frames, tags=self.tags)
         self.shard_seconds.observe(time.perf_counter() - t, tags=self.tags)
-        self.busy.set(meta["report"]["gpu_utilization"], tags=self.tags)
-        meta.update(node_id=self.node_id, gpu_ids=self.gpu_ids)
-        return meta
+        self.busy.set(record.report.gpu_utilization, tags=self.tags)
+        return record
 
 
 class _Stitcher:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int):
         self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count)
 
-    def add(self, meta: dict) -> int:
-        return self.assembler.add(meta)
+    def add(self, segment: Segment) -> int:
+        return self.assembler.add(segment)
 
     def finish(self) -> dict:
         return self.assembler.finish()

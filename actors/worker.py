@@ -8,7 +8,6 @@ are cached per spec so a model is loaded once and reused across shards and jobs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -22,7 +21,8 @@ from actors.compile_cache import (CompileCache, cache_facts, compile_cache_key, 
                                   inductor_counts, runtime_facts)
 from actors.decoders import Decoder, TestPatternDecoder
 from actors.pipeline import run_pipeline
-from actors.protocol import DecoderSpec, InputError, LatentSlice, ShardTask, segment_suffix, sidecar_key
+from actors.protocol import (DecoderSpec, InputError, LatentSlice, SegmentRecord, ShardTask, WorkerInfo, segment_suffix,
+                             sidecar_key)
 from actors.sinks import nvenc_available, open_sink
 from actors.startup import COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, StartupClock, StartupReport
 from infra.checksum import sha256_file
@@ -97,20 +97,21 @@ def decoder_weight_bytes(decoder: Decoder) -> int:
     return weight_bytes() if callable(weight_bytes) else 0
 
 
-def describe_device(device: torch.device) -> dict:
+def describe_device(device: torch.device) -> WorkerInfo:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name, memory = props.name, props.total_memory
     else:
         name, memory = "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"device": str(device), "device_name": name, "device_memory": memory,
-            "hostname": socket.gethostname(), "pid": os.getpid(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    return WorkerInfo(device=str(device), device_name=name, device_memory=memory, hostname=socket.gethostname(),
+                      pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
 
 
 class ShardWorker:
-    def __init__(self, device: str = "auto", scratch_dir: str | None = None, clock: StartupClock | None = None):
-        # `clock` holds the phases before this one (a Ray wrapper's process and imports).
+    def __init__(self, device: str = "auto", scratch_dir: str | None = None, clock: StartupClock | None = None,
+                 node_id: str = "", gpu_ids: tuple[str, ...] = ()):
+        # `clock` holds the phases before this one (a Ray wrapper's process and imports);
+        # `node_id` and `gpu_ids` say where a cluster placed this worker, for its records.
         self._clock = clock or StartupClock()
         with self._clock.phase("device"):
             self.device = resolve_device(device)
@@ -119,7 +120,7 @@ class ShardWorker:
                 torch.backends.cudnn.benchmark = True
                 # Create the CUDA context now, where it shows as its own phase, not inside the first shard.
                 torch.empty(1, device=self.device)
-            self.info = describe_device(self.device)
+            self.info = dataclasses.replace(describe_device(self.device), node_id=node_id, gpu_ids=tuple(gpu_ids))
         self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._decoders: dict[DecoderSpec, Decoder] = {}
@@ -172,7 +173,7 @@ class ShardWorker:
                     raise
                 report.compile, report.compile_error = COMPILE_FAILED, f"{type(exc).__name__}: {exc}"[:2000]
                 log.warning("compiling the decoder failed on %s (%s); decoding without compiling",
-                            self.info["device_name"], report.compile_error)
+                            self.info.device_name, report.compile_error)
                 with self._clock.phase("weights", f"{spec.name}, not compiled"):
                     decoder = self._decoders[spec] = build_decoder(spec, self.device, eager_options(decoder.options))
                 self._warm_up(decoder, latent_height, latent_width)
@@ -229,7 +230,7 @@ class ShardWorker:
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
-        check_fits(peak, self.info["device_memory"], height, width, self.info["device_name"],
+        check_fits(peak, self.info.device_memory, height, width, self.info.device_name,
                    weights_bytes=decoder_weight_bytes(decoder))
         info = {"peak_memory_bytes": peak, "height": height, "width": width,
                 "startup": self.startup.as_dict()}
@@ -237,10 +238,10 @@ class ShardWorker:
             info["encoder"] = self._encoder(encoder)
         return info
 
-    def render_shard(self, task: ShardTask, latents: torch.Tensor | LatentSlice) -> dict:
+    def render_shard(self, task: ShardTask, latents: torch.Tensor | LatentSlice) -> SegmentRecord:
         """Decode `latents` (the shard's CTHW slice, context included) into one committed segment.
 
-        Returns metadata only; the frames go to object storage.
+        Returns the segment's record (also written as its sidecar); the frames go to storage.
         """
         shard = task.shard
         shared = isinstance(latents, LatentSlice)
@@ -250,34 +251,35 @@ class ShardWorker:
             raise ValueError(f"shard {shard.index}: got {latents.shape[1]} latent frames, "
                              f"expected {shard.decoded_latent_frames}")
         # A worker's first shard prepares its decoder here: start-up phases, not the shard's time.
-        size = self.check_input(task.decoder, latents.shape[2], latents.shape[3],
-                                compile_cache=task.compile_cache)
+        decode, encode = task.decode, task.encode
+        size = self.check_input(decode.decoder, latents.shape[2], latents.shape[3],
+                                compile_cache=decode.compile_cache)
         started = time.time()
-        decoder = self.decoder(task.decoder)
+        decoder = self.decoder(decode.decoder)
         height, width = size["height"], size["width"]
         store = open_store(task.output_uri)
         # A local store gets the segment written in place (the sink renames it in when
         # complete): copying a few hundred MB after the shard would lengthen every shard.
         in_store = store.local_path(task.segment_key)
         local = in_store or os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
-                                         f"{segment_suffix(task.format)}")
+                                         f"{segment_suffix(encode.format)}")
         # A GPU copy is made anyway; on the CPU, copy Ray's read-only memory too, so that
         # nothing in the decode can ever write into the object store.
         latents = latents.to(self.device, copy=shared and self.device.type == "cpu")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         # The stream first: it checks its input, and a refusal then leaves no sink open.
-        if task.context_mode == "pruned":
+        if decode.context_mode == "pruned":
             # Context latents only warm the cache of the convs that need them; no frame to drop.
             chunks, drop = decoder.stream(latents, context=shard.context), 0
         else:
             chunks, drop = decoder.stream(latents), shard.drop
-        encoder = self._encoder(task.encoder) if task.format == "mp4" else task.encoder
-        sink = open_sink(task.format, local, width, height, task.fps, encoder=encoder,
-                         crf=task.crf, preset=task.preset, threads=task.encoder_threads,
+        encoder = self._encoder(encode.encoder) if encode.format == "mp4" else encode.encoder
+        sink = open_sink(encode.format, local, width, height, encode.fps, encoder=encoder,
+                         crf=encode.crf, preset=encode.preset, threads=encode.threads,
                          frames=shard.frame_count)
         pipeline_started = time.time()
-        report, result = run_pipeline(chunks, sink, drop=drop, depth=task.depth,
+        report, result = run_pipeline(chunks, sink, drop=drop, depth=decode.depth,
                                       device=self.device, ring=self._ring)
         pipeline_ended = time.time()
         committed = False
@@ -293,15 +295,11 @@ class ShardWorker:
             # Scratch copies always go; a segment written in place goes unless it is good.
             if (in_store is None or not committed) and os.path.exists(result.path):
                 os.remove(result.path)
-        meta = {
-            "job_id": task.job_id, "shard": shard.index, "start": shard.start, "stop": shard.stop,
-            "context_start": shard.context_start, "frame_start": shard.frames[0],
-            "frame_end": shard.frames[1], "frames": result.frames, "key": task.segment_key,
-            "bytes": result.bytes, "sha256": sha256, "attempt": task.attempt,
-            "started": started, "pipeline_started": pipeline_started, "pipeline_ended": pipeline_ended,
-            "flush_s": report.flush_s, "ended": time.time(), "width": width, "height": height,
-            **self.info, "report": report.as_dict(), "startup": size["startup"],
-        }
+        record = SegmentRecord(
+            job_id=task.job_id, shard=shard, key=task.segment_key, frames=result.frames, bytes=result.bytes,
+            sha256=sha256, attempt=task.attempt, width=width, height=height, started=started,
+            pipeline_started=pipeline_started, pipeline_ended=pipeline_ended, ended=time.time(),
+            worker=self.info, report=report, startup=self.startup)
         # The sidecar goes last: a segment without one is not committed and is redone on resume.
-        store.put_bytes(sidecar_key(task.segment_key), json.dumps(meta).encode())
-        return meta
+        store.put_bytes(sidecar_key(task.segment_key), record.to_json())
+        return record

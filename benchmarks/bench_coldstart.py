@@ -93,7 +93,7 @@ def one_run(cls, label: str, device: str, spec: DecoderSpec, latent_h: int, late
     after = [p for p in phases if p["start"] >= created]
     row = {
         "run": label, "compile": startup["compile"], "compile_error": startup["compile_error"],
-        "compile_cache": startup["compile_cache"], "pid": described["pid"], "device_name": described["device_name"],
+        "compile_cache": startup["compile_cache"], "pid": described.pid, "device_name": described.device_name,
         "to_first_step_start_s": step["start"] - created if step else None,
         "to_first_step_end_s": step["end"] - created if step else None,
         "to_ready_s": max(p["end"] for p in phases) - created,

@@ -36,7 +36,7 @@ import time
 import torch
 
 from actors.pipeline import run_pipeline
-from actors.protocol import DecoderSpec, Shard, ShardTask
+from actors.protocol import DecodeSpec, DecoderSpec, EncodeSpec, Shard, ShardTask
 from actors.sinks import open_sink
 from actors.worker import ShardWorker
 from benchmarks.diffusers_stream import DiffusersStream
@@ -91,13 +91,15 @@ def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dic
     t = latents.shape[1]
     for i in range(args.runs):
         task = ShardTask(job_id="bench-product", shard=Shard(0, 0, t, 0), output_uri=workdir,
-                         segment_key=f"product-{i}.mp4", decoder=spec, format="mp4", fps=16, encoder="libx264",
-                         crf=18, preset="veryfast", context_mode="pruned",
-                         compile_cache=cache)
-        meta = worker.render_shard(task, latents)
-        runs.append(_row("product", i, meta["pipeline_ended"] - meta["pipeline_started"], meta["report"],
-                         meta["frames"], meta["bytes"]))
-        runs[-1]["shard_s"] = meta["ended"] - meta["started"]
+                         segment_key=f"product-{i}.mp4",
+                         decode=DecodeSpec(spec, context_mode="pruned", depth=2,
+                                           compile_cache=cache),
+                         encode=EncodeSpec(format="mp4", fps=16, encoder="libx264", crf=18, preset="veryfast",
+                                           threads=0))
+        record = worker.render_shard(task, latents)
+        runs.append(_row("product", i, record.pipeline_ended - record.pipeline_started, record.report.as_dict(),
+                         record.frames, record.bytes))
+        runs[-1]["shard_s"] = record.ended - record.started
     out = {"decoder": repr(decoder), "startup": startup, "runs": runs}
     del worker, decoder
     _free(torch.device(args.device))

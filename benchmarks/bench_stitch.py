@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from actors.assemble import SegmentAssembler
+from actors.protocol import Segment
 from actors.sinks import count_frames, open_sink
 from actors.stitch import StreamingConcat
 from infra.checksum import sha256_file
@@ -70,7 +71,7 @@ def write_segments(root: str, count: int, frames: int, width: int, height: int) 
         for i in range(frames):
             sink.write(np.roll(base, 7 * (s * frames + i), axis=1)[None])
         sink.close()
-        metas.append({"shard": s, "key": key, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
+        metas.append({"index": s, "key": key, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
                       "frames": frames})
     return metas
 
@@ -93,7 +94,7 @@ def assembled(root: str, metas: list[dict], threads: int) -> float:
     t = time.perf_counter()
     assembler = SegmentAssembler(root, "mp4", 16, len(metas), verify_threads=threads)
     for m in metas:
-        assembler.add(m)
+        assembler.add(Segment(**m))
     assembler.finish()
     return time.perf_counter() - t
 

@@ -12,6 +12,7 @@ without writing anything:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
-from actors.protocol import InputError, LatentSlice, RenderSpec, ShardTask, segment_key, sidecar_key
+from actors.protocol import InputError, LatentSlice, RenderSpec, SegmentRecord, segment_key, shard_task, sidecar_key
 from actors.startup import StartupClock
 from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_stitcher
 from cluster.geometry import decoder_geometry
@@ -72,9 +73,19 @@ def latents_digest(latents: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float | None, str]:
-    """Step 1, no Ray: validated CTHW latents, the left context shards need, what that context
-    costs to decode (latent frames' worth; None when decoded in full), the job fingerprint."""
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job's input, read and checked (step 1), and what planning needs of it."""
+
+    latents: torch.Tensor = field(repr=False)  # CTHW, validated
+    context: int  # latent frames of left context each shard decodes before its own
+    # What that context costs to decode, in steady latent frames' worth (None: decoded in full).
+    context_cost: float | None
+    fingerprint: str  # what makes two runs' segments interchangeable; the job's id
+
+
+def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> PreparedJob:
+    """Step 1, no Ray: read and validate the input, find the context shards need."""
     open_store(spec.output)  # a bad output URI fails here, not after the decode
     # Credentials and permissions too: without them the job would fail only once the workers
     # had started and decoded (or, for weights, loaded) something.
@@ -96,7 +107,7 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> tuple[torc
     cost = None
     if spec.context_mode == "pruned":
         cost = geometry.context_cost(latents.shape[2], latents.shape[3], context)
-    return latents, context, cost, spec.fingerprint(latents_digest(latents))
+    return PreparedJob(latents, context, cost, spec.fingerprint(latents_digest(latents)))
 
 
 class RenderJob:
@@ -126,18 +137,18 @@ class RenderJob:
     def cancel(self):
         self.cancelled.set()
 
-    def prepare(self) -> tuple[torch.Tensor, int, float | None, str]:
+    def prepare(self) -> PreparedJob:
         """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
         if self._prepared is None:
             self._prepare_started = time.time()  # the job's wall time counts reading its input
             with self._clock.phase("read + validate input"):
                 self._prepared = prepare(self.spec, self._latents)
-            self.job_id = self._prepared[3]
+            self.job_id = self._prepared.fingerprint
         return self._prepared
 
     def run(self) -> JobResult:
         t_job = time.time()
-        latents, context, context_cost, fingerprint = self.prepare()
+        job = self.prepare()
         t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
         own_pool = self._owns_pool = self.pool is None
         if own_pool:
@@ -145,8 +156,9 @@ class RenderJob:
             self.pool = WorkerPool(workers, use_gpu)
         ok = False
         try:
-            plan = plan_shards(latents.shape[1], self.pool.size, context, self.spec.shard_frames, context_cost)
-            result = self._run(plan, latents, fingerprint, t_job)
+            plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_frames,
+                               job.context_cost)
+            result = self._run(plan, job.latents, job.fingerprint, t_job)
             ok = True
             return result
         finally:
@@ -176,7 +188,7 @@ class RenderJob:
                  "(%.1f%% more latents, %.1f%% more decode work)", job_id, plan.latent_frames, plan.frame_count,
                  len(plan.shards), pool.size, "GPU" if pool.use_gpu else "CPU", plan.context,
                  100 * plan.overhead, 100 * plan.compute_overhead)
-        metas: dict[int, dict] = {}
+        metas: dict[int, SegmentRecord] = {}
         for shard in plan.shards:
             reused = self._committed(store, segment_key(job_id, shard, spec.format), job_id)
             if reused is not None:
@@ -193,7 +205,7 @@ class RenderJob:
             # (a first run on NVENC nodes, a resume on libx264 ones): the stitcher joins only
             # identical streams, so the others are redone.
             stale = [] if spec.format != "mp4" else sorted(
-                i for i, m in metas.items() if m.get("report", {}).get("sink", {}).get("codec", encoder) != encoder)
+                i for i, m in metas.items() if (m.codec or encoder) != encoder)
             if stale:
                 log.info("job %s: redoing %d segments encoded with another encoder", job_id, len(stale))
                 for i in stale:
@@ -204,7 +216,7 @@ class RenderJob:
         stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
         ok = False
         try:
-            stitch_refs = [stitcher.add.remote(metas[i]) for i in sorted(metas)]
+            stitch_refs = [stitcher.add.remote(metas[i].segment) for i in sorted(metas)]
             self._render_shards(plan, latents, job_id, todo, metas, stitcher, stitch_refs, encoder)
             ray.get(stitch_refs)
             stitch = ray.get(stitcher.finish.remote())
@@ -253,7 +265,7 @@ class RenderJob:
         if self.show_progress:
             redirect.enter_context(logging_redirect_tqdm(tqdm_class=type(bar)))
         # Counted apart from the bar: a disabled bar (submit's jobs) counts nothing.
-        self.frames_done = sum(m["frames"] for m in metas.values())
+        self.frames_done = sum(m.frames for m in metas.values())
         bar.update(self.frames_done)
         pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
         inflight: dict = {}  # ref -> (shard, attempt, actor)
@@ -271,13 +283,8 @@ class RenderJob:
                     shard, attempt = todo.popleft()
                     if shard.index not in slices:
                         slices[shard.index] = ray.put(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
-                    task = ShardTask(
-                        job_id=job_id, shard=shard, output_uri=spec.output,
-                        segment_key=segment_key(job_id, shard, spec.format), decoder=spec.decoder,
-                        format=spec.format, fps=spec.fps, encoder=encoder, crf=spec.crf,
-                        preset=spec.preset, encoder_threads=spec.encoder_threads,
-                        context_mode=spec.context_mode, depth=spec.depth, attempt=attempt,
-                        compile_cache=self.compile_cache)
+                    task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache,
+                                      attempt=attempt)
                     inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
                     busy.add(actor)
                     self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
@@ -315,14 +322,14 @@ class RenderJob:
                     metas[shard.index] = meta
                     self.segments_committed += 1
                     slices.pop(shard.index, None)  # committed: its latents can leave the object store
-                    stitch_refs.append(stitcher.add.remote(meta))
-                    bar.update(meta["frames"])
-                    self.frames_done += meta["frames"]
-                    r = meta["report"]
+                    stitch_refs.append(stitcher.add.remote(meta.segment))
+                    bar.update(meta.frames)
+                    self.frames_done += meta.frames
+                    w, r = meta.worker, meta.report
                     log.info("shard %d/%d done on %s (%s): %d frames in %.1f s, %s %.0f%%, bottleneck %s",
-                             shard.index + 1, len(plan.shards), meta["hostname"], meta["device_name"],
-                             meta["frames"], meta["ended"] - meta["started"], busy_label(meta["device"]),
-                             100 * r["gpu_utilization"], stage_label(r["bottleneck"], meta["device"]))
+                             shard.index + 1, len(plan.shards), w.hostname, w.device_name, meta.frames,
+                             meta.ended - meta.started, busy_label(w.device), 100 * r.gpu_utilization,
+                             stage_label(r.bottleneck, w.device))
                     self.on_event("done", meta)
         finally:
             redirect.close()
@@ -350,8 +357,8 @@ class RenderJob:
                                    "context_compute_overhead": plan.compute_overhead,
                                    "decoder": spec.decoder.model_dump(),
                                    "format": spec.format,
-                                   "decoded_latent_frames": sum(m["stop"] - m["context_start"]
-                                                                for m in all_metas if not m.get("reused"))})
+                                   "decoded_latent_frames": sum(m.shard.decoded_latent_frames
+                                                                for m in all_metas if not m.reused)})
         store.put_bytes("manifest.parquet", manifest_parquet(rows))
         store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch, self._clock.phases))
         store.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
@@ -359,8 +366,8 @@ class RenderJob:
             # Segments exist for retries and resumes; once the video is committed they are dead
             # weight (the bucket's lifecycle rule expires those of abandoned jobs).
             for m in all_metas:
-                store.delete(sidecar_key(m["key"]))
-                store.delete(m["key"])
+                store.delete(sidecar_key(m.key))
+                store.delete(m.key)
                 self.segments_committed -= 1
             store.discard_partial(self._segments_folder)
         log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,
@@ -369,19 +376,18 @@ class RenderJob:
         return JobResult(output=spec.output, manifest=rows, summary=summary, plan=plan)
 
     @staticmethod
-    def _committed(store, key: str, fingerprint: str) -> dict | None:
-        """A previous run's metadata for `key`, if that segment was committed for this job."""
+    def _committed(store, key: str, fingerprint: str) -> SegmentRecord | None:
+        """A previous run's record for `key`, if that segment was committed for this job."""
         side = sidecar_key(key)
         if not (store.exists(side) and store.exists(key)):
             return None
         try:
-            meta = json.loads(store.get_bytes(side))
+            record = SegmentRecord.from_json(store.get_bytes(side))
         except ValueError:
+            return None  # damaged, or written by another version: the shard is redone
+        if record.job_id != fingerprint or record.key != key or store.size(key) != record.bytes:
             return None
-        if meta.get("job_id") != fingerprint or store.size(key) != meta.get("bytes"):
-            return None
-        meta["reused"] = True
-        return meta
+        return dataclasses.replace(record, reused=True)
 
 
 def _discard_partial(output: str, folder: str) -> None:

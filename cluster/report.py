@@ -1,6 +1,6 @@
 """What a job leaves beside its video: manifest rows, the summary, a Chrome-trace timeline.
 
-Pure functions over the workers' shard metadata; the driver writes the results.
+Pure functions over the workers' segment records; the driver writes the results.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 
+from actors.protocol import SegmentRecord
 from actors.startup import Phase, StartupReport
 
 MANIFEST_COLUMNS = (
@@ -27,23 +28,22 @@ def busy_label(device: str) -> str:
     return "GPU busy" if device.startswith("cuda") else "decode busy"
 
 
-def manifest_rows(metas: list[dict], segments_kept: bool = True) -> list[dict]:
+def manifest_rows(records: list[SegmentRecord], segments_kept: bool = True) -> list[dict]:
     """One row a shard. `segment_kept` says whether `key` still names a segment in the output
     (the driver deletes them once the video is committed, unless asked to keep them)."""
     rows = []
-    for m in sorted(metas, key=lambda m: m["shard"]):
-        r = m["report"]
+    for m in sorted(records, key=lambda m: m.shard.index):
+        r, w, shard = m.report, m.worker, m.shard
         rows.append({
-            "shard": m["shard"], "start": m["start"], "stop": m["stop"], "context_start": m["context_start"],
-            "context": m["start"] - m["context_start"], "frame_start": m["frame_start"],
-            "frame_end": m["frame_end"], "frames": m["frames"], "key": m["key"], "bytes": m["bytes"],
-            "sha256": m["sha256"], "attempts": m["attempt"], "node_id": m.get("node_id", ""),
-            "hostname": m["hostname"], "gpu_ids": ",".join(m.get("gpu_ids", [])),
-            "device_name": m["device_name"], "started": m["started"], "ended": m["ended"],
-            "wall_s": m["ended"] - m["started"], "gpu_busy_s": r["gpu_busy_s"], "copy_s": r["copy_s"],
-            "host_busy_s": r["host_busy_s"], "flush_s": r["flush_s"],
-            "gpu_utilization": r["gpu_utilization"], "bottleneck": stage_label(r["bottleneck"], m["device"]),
-            "reused": bool(m.get("reused", False)), "segment_kept": segments_kept,
+            "shard": shard.index, "start": shard.start, "stop": shard.stop, "context_start": shard.context_start,
+            "context": shard.context, "frame_start": shard.frames[0], "frame_end": shard.frames[1],
+            "frames": m.frames, "key": m.key, "bytes": m.bytes, "sha256": m.sha256, "attempts": m.attempt,
+            "node_id": w.node_id, "hostname": w.hostname, "gpu_ids": ",".join(w.gpu_ids),
+            "device_name": w.device_name, "started": m.started, "ended": m.ended,
+            "wall_s": m.ended - m.started, "gpu_busy_s": r.gpu_busy_s, "copy_s": r.copy_s,
+            "host_busy_s": r.host_busy_s, "flush_s": r.flush_s,
+            "gpu_utilization": r.gpu_utilization, "bottleneck": stage_label(r.bottleneck, w.device),
+            "reused": m.reused, "segment_kept": segments_kept,
         })
     return rows
 
@@ -58,28 +58,28 @@ def manifest_parquet(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def worker_startups(metas: list[dict]) -> dict[str, StartupReport]:
+def worker_startups(records: list[SegmentRecord]) -> dict[str, StartupReport]:
     """Each worker's start-up as its shards reported it, by timeline track (host, GPU, pid).
 
     A worker's later shards carry every phase its earlier ones did and more (a second
     decoder it prepared): the one with the most phases is kept.
     """
     startups: dict[str, StartupReport] = {}
-    for m in metas:
-        if m.get("reused") or not m.get("startup"):
+    for m in records:
+        if m.reused or m.startup is None:
             continue
-        report = StartupReport.from_dict(m["startup"])
-        track = _track(m)
+        report = m.startup
+        track = m.worker.track
         if track not in startups or len(report.phases) > len(startups[track].phases):
             startups[track] = report
     return startups
 
 
-def startup_summary(metas: list[dict], job_started: float) -> dict:
+def startup_summary(records: list[SegmentRecord], job_started: float) -> dict:
     """What the job waited for before decoding: time to its first frame, and per worker the
     seconds of each start-up phase that fell inside the job (a warm worker's fall before it)."""
-    fresh = [m for m in metas if not m.get("reused")]
-    first = min((m["pipeline_started"] for m in fresh), default=None)
+    fresh = [m for m in records if not m.reused]
+    first = min((m.pipeline_started for m in fresh), default=None)
     workers = {}
     for track, report in worker_startups(fresh).items():
         phases: dict[str, float] = {}
@@ -97,16 +97,16 @@ def startup_summary(metas: list[dict], job_started: float) -> dict:
     }
 
 
-def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, workers: int, use_gpu: bool,
+def summarize(records: list[SegmentRecord], *, frames: int, fps: int, wall_s: float, workers: int, use_gpu: bool,
               price_per_gpu_hour: float, plan_overhead: float, stitch: dict, extra: dict | None = None,
               job_started: float | None = None) -> dict:
-    fresh = [m for m in metas if not m.get("reused")]
-    busy = sum(m["report"]["gpu_busy_s"] for m in fresh)
-    in_shards = sum(m["report"]["gpu_span_s"] for m in fresh)
+    fresh = [m for m in records if not m.reused]
+    busy = sum(m.report.gpu_busy_s for m in fresh)
+    in_shards = sum(m.report.gpu_span_s for m in fresh)
     worker_s = workers * wall_s
     billed = worker_s if use_gpu else 0.0
     video_s = frames / fps
-    last_shard_end = max((m["ended"] for m in fresh), default=None)
+    last_shard_end = max((m.ended for m in fresh), default=None)
     summary = {
         "frames": frames, "fps": fps, "video_seconds": video_s, "wall_seconds": wall_s,
         "realtime_factor": video_s / wall_s if wall_s > 0 else None,
@@ -119,30 +119,26 @@ def summarize(metas: list[dict], *, frames: int, fps: int, wall_s: float, worker
         "gpu_utilization_in_shards": busy / in_shards if in_shards > 0 else None,
         "price_per_gpu_hour": price_per_gpu_hour,
         "estimated_cost_usd": billed / 3600 * price_per_gpu_hour,
-        "context_overhead": plan_overhead, "shards": len(metas),
-        "reused_shards": len(metas) - len(fresh),
-        "retried_shards": sum(1 for m in fresh if m["attempt"] > 1),  # in this run, not a reused one's
+        "context_overhead": plan_overhead, "shards": len(records),
+        "reused_shards": len(records) - len(fresh),
+        "retried_shards": sum(1 for m in fresh if m.attempt > 1),  # in this run, not a reused one's
         "last_shard_to_video_s": (stitch["committed_at"] - last_shard_end) if last_shard_end else None,
         "video": stitch["video"], "video_bytes": stitch["bytes"],
     }
     if job_started is not None:
-        summary["startup"] = startup_summary(metas, job_started)
+        summary["startup"] = startup_summary(records, job_started)
         summary["time_to_first_frame_s"] = summary["startup"]["time_to_first_frame_s"]
     summary.update(extra or {})
     return summary
 
 
-def _track(m: dict) -> str:
-    return f"{m['hostname']} gpu {','.join(m.get('gpu_ids', [])) or m['device']} (pid {m['pid']})"
-
-
-def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = None,
+def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict | None = None,
                  driver_phases: list[Phase] = ()) -> bytes:
     """One track per worker device; its start-up phases (those inside the job) on thread 0,
     shards on 1 and their phases on 2, as complete ('X') events."""
     events = []
     tracks: dict[str, int] = {}
-    for track, report in sorted(worker_startups(metas).items(), key=lambda kv: kv[1].started or 0.0):
+    for track, report in sorted(worker_startups(records).items(), key=lambda kv: kv[1].started or 0.0):
         pid = tracks.setdefault(track, len(tracks) + 1)
         for p in report.phases:
             if p.end <= job_started:
@@ -150,10 +146,10 @@ def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = No
             t0 = max(p.start, job_started)
             events.append({"name": p.name, "ph": "X", "pid": pid, "tid": 0, "ts": (t0 - job_started) * 1e6,
                            "dur": (p.end - t0) * 1e6, "args": {"detail": p.detail} if p.detail else {}})
-    for m in sorted(metas, key=lambda m: m["started"]):
-        if m.get("reused"):
+    for m in sorted(records, key=lambda m: m.started):
+        if m.reused:
             continue
-        track = _track(m)
+        track = m.worker.track
         pid = tracks.setdefault(track, len(tracks) + 1)
 
         def span(name, t0, t1, tid, args=None):
@@ -161,17 +157,16 @@ def chrome_trace(metas: list[dict], job_started: float, stitch: dict | None = No
                            "ts": (t0 - job_started) * 1e6, "dur": max(0.0, t1 - t0) * 1e6,
                            "args": args or {}})
 
-        r = m["report"]
-        span(f"shard {m['shard']} [{m['start']},{m['stop']}) ctx {m['start'] - m['context_start']}",
-             m["started"], m["ended"], 1, {"frames": m["frames"], "attempt": m["attempt"],
-                                            "gpu_utilization": r["gpu_utilization"],
-                                            "bottleneck": r["bottleneck"]})
-        pipe_end = m["pipeline_ended"] - m["flush_s"]
-        span("setup", m["started"], m["pipeline_started"], 2)
-        span("decode+copy+encode", m["pipeline_started"], pipe_end, 2,
-             {"gpu_busy_s": r["gpu_busy_s"], "copy_s": r["copy_s"], "host_busy_s": r["host_busy_s"]})
-        span("encoder flush", pipe_end, m["pipeline_ended"], 2)
-        span("upload", m["pipeline_ended"], m["ended"], 2)
+        r, shard = m.report, m.shard
+        span(f"shard {shard.index} [{shard.start},{shard.stop}) ctx {shard.context}",
+             m.started, m.ended, 1, {"frames": m.frames, "attempt": m.attempt,
+                                     "gpu_utilization": r.gpu_utilization, "bottleneck": r.bottleneck})
+        pipe_end = m.pipeline_ended - r.flush_s
+        span("setup", m.started, m.pipeline_started, 2)
+        span("decode+copy+encode", m.pipeline_started, pipe_end, 2,
+             {"gpu_busy_s": r.gpu_busy_s, "copy_s": r.copy_s, "host_busy_s": r.host_busy_s})
+        span("encoder flush", pipe_end, m.pipeline_ended, 2)
+        span("upload", m.pipeline_ended, m.ended, 2)
     meta_events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
                    for name, pid in tracks.items()]
     if driver_phases:

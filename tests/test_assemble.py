@@ -11,7 +11,7 @@ import pytest
 
 from actors.assemble import SegmentAssembler, SegmentError
 from actors.decoders import read_index
-from actors.protocol import video_name
+from actors.protocol import Segment, video_name
 from actors.sinks import read_frames
 from infra.checksum import sha256_file
 from tests.test_stitch import FPS, make_segments
@@ -24,7 +24,7 @@ def _store_segments(tmp_path, fmt: str, sizes=SIZES) -> tuple[str, list[dict]]:
     out = tmp_path / "out"
     (out / "segments").mkdir(parents=True)
     paths, _ = make_segments(out / "segments", fmt, sizes)
-    metas = [{"shard": i, "key": os.path.relpath(p, out), "bytes": os.path.getsize(p),
+    metas = [{"index": i, "key": os.path.relpath(p, out), "bytes": os.path.getsize(p),
               "sha256": sha256_file(p), "frames": n} for i, (p, n) in enumerate(zip(paths, sizes))]
     return str(out), metas
 
@@ -38,7 +38,7 @@ def test_segments_arriving_out_of_order_give_every_frame_in_order(tmp_path, fmt)
     out, metas = _store_segments(tmp_path, fmt)
     assembler = SegmentAssembler(out, fmt, FPS, len(metas), scratch_dir=str(tmp_path))
     for i in (2, 0, 3, 1):
-        assembler.add(metas[i])
+        assembler.add(Segment(**metas[i]))
     result = assembler.finish()
     assert result["frames"] == sum(SIZES) and result["video"] == video_name(fmt)
     assert _indices(out, fmt) == list(range(sum(SIZES)))
@@ -48,13 +48,13 @@ def test_segments_arriving_out_of_order_give_every_frame_in_order(tmp_path, fmt)
 def test_segments_are_appended_as_they_land_not_at_finish(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4")
     assembler = SegmentAssembler(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
-    assembler.add(metas[1])
-    assembler.add(metas[0])
+    assembler.add(Segment(**metas[1]))
+    assembler.add(Segment(**metas[0]))
     # Shards 0 and 1 are joined while 2 and 3 are still "decoding"; 2 cannot jump the queue.
     assert assembler.wait_appended(2, timeout=60) == 2
-    assembler.add(metas[3])
+    assembler.add(Segment(**metas[3]))
     assert assembler.wait_appended(3, timeout=0.2) == 2
-    assembler.add(metas[2])
+    assembler.add(Segment(**metas[2]))
     assembler.finish()
     assert _indices(out, "mp4") == list(range(sum(SIZES)))
 
@@ -87,7 +87,7 @@ def test_a_segment_that_is_not_what_its_worker_reported_fails_the_job_and_leaves
     assembler = SegmentAssembler(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
     for m in metas:
         try:
-            assembler.add(m)  # a later add may already see the failure
+            assembler.add(Segment(**m))  # a later add may already see the failure
         except SegmentError:
             break
     with pytest.raises(SegmentError, match=message) as err:
@@ -102,7 +102,7 @@ def test_finish_with_a_shard_missing_refuses_and_abort_does_not_hang(tmp_path):
     out, metas = _store_segments(tmp_path, "ffv1")
     assembler = SegmentAssembler(out, "ffv1", FPS, len(metas), scratch_dir=str(tmp_path))
     for m in metas[:2] + metas[3:]:
-        assembler.add(m)
+        assembler.add(Segment(**m))
     with pytest.raises(SegmentError, match=r"shards \[2\] not appended"):
         assembler.finish()
     assembler.abort()  # the appender is waiting for shard 2: it must still stop
@@ -114,11 +114,11 @@ def test_bad_shard_indices_are_refused(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4", (9, 8))
     assembler = SegmentAssembler(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
     try:
-        assembler.add(metas[0])
+        assembler.add(Segment(**metas[0]))
         with pytest.raises(ValueError, match="added twice"):
-            assembler.add(metas[0])
+            assembler.add(Segment(**metas[0]))
         with pytest.raises(ValueError, match="outside"):
-            assembler.add({**metas[1], "shard": 2})
+            assembler.add(Segment(**{**metas[1], "index": 2}))
     finally:
         assembler.abort()
 
@@ -126,7 +126,7 @@ def test_bad_shard_indices_are_refused(tmp_path):
 def test_finish_after_abort_refuses_instead_of_waiting(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4", (9, 8))
     assembler = SegmentAssembler(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
-    assembler.add(metas[0])
+    assembler.add(Segment(**metas[0]))
     assembler.abort()
     with pytest.raises(RuntimeError, match="aborted"):
         assembler.finish()

@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from actors.decoders import pattern_latents
-from actors.protocol import DecoderSpec
+from actors.protocol import DecoderSpec, PipelineReport, SegmentRecord, Shard, WorkerInfo
 from actors.startup import Phase, StartupClock, StartupReport, process_started_at
 from actors.worker import ShardWorker
 from cluster.api import render
@@ -37,13 +37,13 @@ def test_process_start_is_before_now():
 
 
 def _meta(pid, started, phases, pipeline_started, reused=False):
-    return {"hostname": "h", "gpu_ids": [str(pid)], "device": "cuda:0", "pid": pid, "shard": pid,
-            "start": 0, "stop": 1, "context_start": 0, "frames": 1, "attempt": 1, "started": started,
-            "pipeline_started": pipeline_started, "pipeline_ended": pipeline_started + 1, "flush_s": 0.1,
-            "ended": pipeline_started + 2, "reused": reused,
-            "report": {"gpu_utilization": 1.0, "bottleneck": "gpu", "gpu_busy_s": 1.0, "copy_s": 0.0,
-                       "host_busy_s": 0.0, "gpu_span_s": 1.0},
-            "startup": StartupReport(phases).as_dict()}
+    worker = WorkerInfo(device="cuda:0", device_name="gpu", device_memory=1 << 30, hostname="h", pid=pid,
+                        gpu_ids=(str(pid),))
+    return SegmentRecord(
+        job_id="j", shard=Shard(pid, 0, 1, 0), key=f"k{pid}", frames=1, bytes=1, sha256="0", attempt=1, width=8,
+        height=8, started=started, pipeline_started=pipeline_started, pipeline_ended=pipeline_started + 1,
+        ended=pipeline_started + 2, worker=worker, reused=reused, startup=StartupReport(phases),
+        report=PipelineReport(mode="async", gpu_busy_s=1.0, gpu_span_s=1.0, flush_s=0.1))
 
 
 def test_summary_and_timeline_count_only_phases_inside_the_job():
