@@ -380,6 +380,7 @@ def test_extra_context_is_skipped(tiny, mono):
     assert decoder.topology.context_flops(32, 32, k + 5) == decoder.topology.context_flops(32, 32, k)
 
 
+@pytest.mark.slow  # about 20 pruned-context decodes: minutes on 2 busy cores
 def test_context_depths_are_minimal():
     """Lowering a conv's depth by one latent (and any later conv's to match) breaks the shard."""
     decoder = random_wan_decoder(tiny_wan_config("2.1"), seed=3)
