@@ -143,6 +143,11 @@ class DecoderSpec(BaseModel):
     random_weights: bool = Field(False, description="the real architecture with random weights (benchmarks)")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="decoder precision")
     seed: int = Field(0, description="seed of the random weights")
+    # Compiled and eager decoding give the same frames to within rounding; a short job on a
+    # worker without the compile cache may finish sooner eagerly than compiling (~23 s on an H200).
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the decoder's glue: auto (on CUDA: yes, with CUDA graphs; "
+        "elsewhere: no), on, or off")
 
     @model_validator(mode="after")
     def _weights_given_once(self):

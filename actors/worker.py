@@ -56,15 +56,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def build_decoder(spec: DecoderSpec, device: torch.device, options=None) -> Decoder:
+def decoder_options(spec: DecoderSpec, device: torch.device) -> wan.DecoderOptions:
+    """The Wan decoder's options for this spec on this device: the device's defaults, with
+    compiling switched on or off where `spec.compile` says so."""
+    options = wan.DecoderOptions.for_device(device)
+    if spec.compile == "on":
+        return dataclasses.replace(options, compile=True)
+    if spec.compile == "off":
+        return eager_options(options)
+    return options
+
+
+def build_decoder(spec: DecoderSpec, device: torch.device, options: wan.DecoderOptions | None = None) -> Decoder:
     """The one place that maps a decoder spec to a decoder on a device.
 
-    `options`: the Wan decoder's options; None lets the decoder choose by device.
+    `options`: the Wan decoder's options; None: `decoder_options(spec, device)`.
     """
     dtype = _DTYPES[spec.dtype]
     if spec.name == "test-pattern":
         return TestPatternDecoder(device=device, dtype=dtype)
-    kw = {} if options is None else {"options": options}
+    kw = {"options": options or decoder_options(spec, device)}
     if spec.random_weights:
         config = wan.ti2v_config() if spec.name == "wan2.2-ti2v" else None
         return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed, **kw)
