@@ -241,7 +241,7 @@ class Topology:
 
 
 def variant_name(config: dict) -> str:
-    z_dim, patch = int(config["z_dim"]), config.get("patch_size")
+    z_dim, patch = int(config.get("z_dim", 16)), config.get("patch_size")  # diffusers' defaults, as topology()
     if patch is None and z_dim == 16:
         return "wan2.1-vae"
     if patch == 2 and z_dim == 48:
