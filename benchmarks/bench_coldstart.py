@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 
 import ray
@@ -50,8 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--decoder", default="wan2.1", choices=["wan2.1", "wan2.2-ti2v", "test-pattern"])
     p.add_argument("--runs", default="no-cache,cache,cache", help="comma-separated, of " + ",".join(RUNS))
-    p.add_argument("--cache-dir", default=None, help="compile cache root (default: beside --out)")
+    p.add_argument("--cache-dir", default=None, help="compile cache root (default: a temporary folder)")
     p.add_argument("--no-prewarm", action="store_true", help="skip the page-cache warm-up actor")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="the decoder's compile option (auto: compiled on CUDA, eager elsewhere)")
     p.add_argument("--out", default="bench_coldstart.json")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per run")
     args = p.parse_args(argv)
@@ -90,10 +93,12 @@ def one_run(cls, label: str, device: str, spec: DecoderSpec, latent_h: int, late
         return next((p for p in phases if p["name"] == name), None)
 
     step = first("first-step")
+    saved = [os.path.join(cache, f) for f in os.listdir(cache)] if cache and os.path.isdir(cache) else []
     after = [p for p in phases if p["start"] >= created]
     row = {
         "run": label, "compile": startup["compile"], "compile_error": startup["compile_error"],
-        "compile_cache": startup["compile_cache"], "pid": described.pid, "device_name": described.device_name,
+        "compile_cache": startup["compile_cache"],
+        "cache_object_bytes": sum(os.path.getsize(f) for f in saved if os.path.isfile(f)), "pid": described.pid, "device_name": described.device_name,
         "to_first_step_start_s": step["start"] - created if step else None,
         "to_first_step_end_s": step["end"] - created if step else None,
         "to_ready_s": max(p["end"] for p in phases) - created,
@@ -116,9 +121,11 @@ def _save(results: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cache_root = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_coldstart-cache")
+    # Not beside --out by default: the compiled code is megabytes nobody needs back.
+    cache_root = args.cache_dir or tempfile.mkdtemp(prefix="bench-coldstart-cache-")
     os.makedirs(cache_root, exist_ok=True)
-    spec = DecoderSpec(name=args.decoder, dtype=args.dtype, random_weights=args.decoder != "test-pattern")
+    spec = DecoderSpec(name=args.decoder, dtype=args.dtype, random_weights=args.decoder != "test-pattern",
+                       **({"compile": args.compile} if args.decoder != "test-pattern" else {}))
     scale = 16 if args.decoder == "wan2.2-ti2v" else 8
     latent_h, latent_w = args.height // scale, args.width // scale
     use_gpu = args.device == "cuda"

@@ -51,9 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="the decoder's compile option (auto: compiled on CUDA, eager elsewhere)")
     p.add_argument("--out", default="bench_product.json")
     p.add_argument("--compile-cache", default=None,
-                   help="compile cache folder for the product worker (default: a fresh one beside --out); off: none")
+                   help="compile cache folder for the product worker (default: a fresh temporary one); off: none")
     p.add_argument("--skip-old", action="store_true", help="only the product path")
     args = p.parse_args(argv)
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
@@ -81,7 +83,7 @@ def _row(path: str, run: int, wall: float, report: dict, frames: int, video_byte
 
 
 def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dict:
-    spec = DecoderSpec(name="wan2.1", random_weights=True, dtype=args.dtype, seed=0)
+    spec = DecoderSpec(name="wan2.1", random_weights=True, dtype=args.dtype, seed=0, compile=args.compile)
     t0 = time.time()
     worker = ShardWorker(args.device, scratch_dir=os.path.join(workdir, "scratch"))
     info = worker.check_input(spec, latents.shape[2], latents.shape[3], "libx264", compile_cache=cache)
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     latents = torch.randn(16, args.latent_frames, args.height // SPATIAL, args.width // SPATIAL, generator=g)
     cache = args.compile_cache
     if cache is None:
-        cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_product-compile-cache")
+        # Not beside --out: the compiled code is megabytes nobody needs back from the GPU machine.
+        cache = tempfile.mkdtemp(prefix="bench-product-compile-cache-")
     elif cache.lower() == "off":
         cache = None
     results = {"benchmark": "bench_product", "machine": machine(device), "args": vars(args),
