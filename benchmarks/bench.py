@@ -1,22 +1,23 @@
 """Single-GPU benchmark: diffusers' decode + encode against framefarm's pipeline, side by side.
 
-    python -m benchmarks.bench [--out results.json] [--sizes 1280x720,832x480] [--dtypes fp32,bf16]
+    taskset -c 0-7 python -m benchmarks.bench [--size 1280x720] [--latent-frames 41] [--runs 3]
+                                              [--json bench.json]
 
-Variants, each on the same random-weight Wan 2.1 VAE and the same latents:
-  (a) diffusers: `vae.decode()` of the whole video, then libx264 of every frame, one thread
-  (b) framefarm, synchronous pipeline (decode a chunk, blocking copy, encode, repeat)
-  (c) framefarm, asynchronous pipeline (compute stream, copy stream, pinned ring, host thread)
-  (d) framefarm's streaming decode alone: no copy, no encode (the floor for this decoder)
-and (c) again at --long-frames latent frames, to show peak memory does not grow with length.
-Prints a table and writes every number as JSON.
+On the same random-weight Wan 2.1 VAE and the same latents, --runs times in a row:
+  (a) diffusers in fp32: `vae.decode()` of the whole video, then libx264 of every frame
+  (c) framefarm in bf16 through the frame pipeline: the product's decoder (its device
+      defaults), compute and copy streams, pinned ring, host thread, the mp4 sink as a
+      worker opens it (frame-parallel libx264 parts chosen from the cores this process has)
+  (d) framefarm's decode alone in bf16: the same steps and colour conversion, no copy, no
+      encode: the floor that (c) can reach
+and per run (a)/(c) (issue 9: >= 3.0) and (c)/(d) (issue 9: <= 1.03 on 8 cores, `taskset -c
+0-7`, every run). libx264 veryfast crf 18 throughout. Prints a table per run and a verdict,
+and writes every number as JSON (--json).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -24,195 +25,180 @@ import torch
 
 from actors.colour import to_uint8_frames
 from actors.pipeline import run_pipeline
-from actors.sinks import open_sink
+from actors.sinks import available_cores, open_sink, plan_parts
+from benchmarks.common import (machine, parse_list, parse_size, parser, peak_bytes, print_table, reset_peak,
+                               stopwatch, sync, write_json)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+A_OVER_C_TARGET = 3.0
+C_OVER_D_TARGET = 1.03
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench.json")
-    p.add_argument("--sizes", default="1280x720,832x480")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--latent-frames", type=int, default=41)
-    p.add_argument("--long-frames", type=int, default=161)
-    p.add_argument("--variants", default="a,b,c,d", help="subset of a,b,c,d")
+    p = parser("bench", __doc__, "bench.json")
+    p.add_argument("--size", type=parse_size, default=(1280, 720), help="WIDTHxHEIGHT (default: 1280x720)")
+    p.add_argument("--latent-frames", type=int, default=41, help="default: 41 (161 frames)")
+    p.add_argument("--runs", type=int, default=3, help="runs in a row (default: 3)")
+    p.add_argument("--variants", type=parse_list, default=["a", "c", "d"], help="subset of a,c,d (default: all)")
+    p.add_argument("--parts", default="auto",
+                   help="the mp4 sink's parts for (c): auto (as a worker chooses), or a count; 1: one encoder")
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="veryfast")
-    p.add_argument("--encoder-threads", type=int, default=0, help="0: libx264 picks by core count")
-    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--depth", type=int, default=2, help="the pipeline's ring of host buffers (default: 2)")
     p.add_argument("--device", default="cuda")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not set(args.variants) <= {"a", "c", "d"}:
+        p.error("--variants is a subset of a,c,d")
+    if args.parts != "auto" and not (args.parts.isdigit() and int(args.parts) >= 1):
+        p.error("--parts is 'auto' or a count >= 1")
+    if args.runs < 1 or args.latent_frames < 1:
+        p.error("--runs and --latent-frames must be >= 1")
+    return args
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mp4(path: str, width: int, height: int, frames: int, args, parts: str = "1"):
+    return open_sink("mp4", path, width, height, 16, encoder="libx264", crf=args.crf, preset=args.preset,
+                     threads=0, frames=frames, parts=None if parts == "auto" else int(parts))
 
 
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def variant_a(vae, latents: torch.Tensor, device: torch.device, path: str, args) -> dict:
+    """What users do today: diffusers' decode of everything in fp32, then encode the frames."""
+    reset_peak(device)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(-1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(-1, 1, 1, 1)
+    with stopwatch() as total:
+        with stopwatch(device) as decode:
+            z = latents.to(device) / inv_std + mean  # WanPipeline's un-normalization
+            with torch.no_grad():
+                host = to_uint8_frames(vae.decode(z.unsqueeze(0)).sample[0]).cpu()
+        with stopwatch() as encode:
+            sink = _mp4(path, host.shape[2], host.shape[1], host.shape[0], args)
+            for i in range(0, host.shape[0], 4):
+                sink.write(host[i:i + 4].numpy())
+            result = sink.close()
+    return {"wall_s": total["s"], "decode_s": decode["s"], "encode_s": encode["s"], "frames": result.frames,
+            "bytes": result.bytes, "peak_gpu_bytes": peak_bytes(device)}
 
 
-def _peak(device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-def variant_a(vae, latents, decoder, device, dtype, path, args) -> dict:
-    """What users do today: diffusers' decode of everything, then encode in the same thread."""
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    z = latents.to(device, dtype)
-    # WanPipeline's un-normalization, in the VAE's dtype.
-    z = decoder.unnormalize(z)
-    cuda = device.type == "cuda"
-    if cuda:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-    with torch.no_grad():
-        video = vae.decode(z.unsqueeze(0)).sample[0]
-        frames = to_uint8_frames(video)
-    if cuda:
-        end.record()
-    host = frames.cpu()
-    t1 = time.perf_counter()
-    sink = open_sink("mp4", path, host.shape[2], host.shape[1], 16, encoder="libx264", crf=args.crf,
-                     preset=args.preset, threads=args.encoder_threads)
-    for i in range(0, host.shape[0], 4):
-        sink.write(host[i:i + 4].numpy())
-    t2 = time.perf_counter()
-    result = sink.close()
-    t3 = time.perf_counter()
-    _sync(device)
-    gpu = begin.elapsed_time(end) / 1e3 if cuda else t1 - t0
-    return {"wall_s": t3 - t0, "gpu_busy_s": gpu, "gpu_utilization": gpu / (t3 - t0), "decode_s": t1 - t0,
-            "encode_s": t2 - t1, "flush_s": t3 - t2, "frames": result.frames, "bytes": result.bytes,
-            "peak_gpu_bytes": _peak(device)}
-
-
-def variant_pipeline(decoder, latents, device, path, depth, args, ring=None) -> dict:
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    z = latents.to(device)
-    sink = open_sink("mp4", path, latents.shape[3] * 8, latents.shape[2] * 8, 16, encoder="libx264",
-                     crf=args.crf, preset=args.preset, threads=args.encoder_threads)
-    report, result = run_pipeline(decoder.stream(z), sink, depth=depth, device=device, ring=ring)
-    wall = time.perf_counter() - t0
+def variant_c(decoder, latents: torch.Tensor, device: torch.device, path: str, args, ring: list) -> dict:
+    """The product's path: the frame pipeline into the sink a worker would open."""
+    reset_peak(device)
+    frames = 1 + 4 * (latents.shape[1] - 1)
+    with stopwatch() as total:
+        z = latents.to(device)
+        sink = _mp4(path, latents.shape[3] * decoder.spatial_scale, latents.shape[2] * decoder.spatial_scale,
+                    frames, args, args.parts)
+        report, result = run_pipeline(decoder.stream(z), sink, depth=args.depth, device=device, ring=ring)
     d = report.as_dict()
-    d.update(wall_s=wall, bytes=result.bytes, peak_gpu_bytes=_peak(device))
+    d.update(wall_s=total["s"], bytes=result.bytes, frames=result.frames, peak_gpu_bytes=peak_bytes(device),
+             parts=len(getattr(sink, "sizes", [frames])))
     return d
 
 
-def variant_d(decoder, latents, device) -> dict:
-    """The streaming decode alone, with the uint8 conversion, no copy, no encode."""
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    z = latents.to(device)
+def variant_d(decoder, latents: torch.Tensor, device: torch.device) -> dict:
+    """The streaming decode alone, with the uint8 conversion: no copy, no encode."""
+    reset_peak(device)
     frames = 0
-    for chunk in decoder.stream(z):
-        frames += to_uint8_frames(chunk).shape[0]
-    _sync(device)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "frames": frames, "peak_gpu_bytes": _peak(device)}
+    with stopwatch(device) as total:
+        for chunk in decoder.stream(latents.to(device)):
+            frames += to_uint8_frames(chunk).shape[0]
+    return {"wall_s": total["s"], "frames": frames, "peak_gpu_bytes": peak_bytes(device)}
 
 
-def run(args) -> dict:
+def main(argv=None) -> int:
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
     from actors.wan import WanDecoder
 
+    args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    variants = set(args.variants.split(","))
-    results = {"card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
-               "encoder": {"codec": "libx264", "crf": args.crf, "preset": args.preset,
-                           "threads": args.encoder_threads}, "depth": args.depth, "runs": []}
+    width, height = args.size
+    frames = 1 + 4 * (args.latent_frames - 1)
+    results = {"machine": machine(device), "size": f"{width}x{height}", "latent_frames": args.latent_frames,
+               "frames": frames, "encoder": {"codec": "libx264", "crf": args.crf, "preset": args.preset},
+               "parts": args.parts, "auto_plan": plan_parts(frames, width, height, available_cores())[0],
+               "depth": args.depth, "targets": {"a_over_c": A_OVER_C_TARGET, "c_over_d": C_OVER_D_TARGET},
+               "runs": []}
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan().eval().requires_grad_(False)  # the real Wan 2.1 VAE architecture, fp32
+    decoder = WanDecoder.from_vae(vae, device=device, dtype=torch.bfloat16)  # the device's default options
+    vae.to(device)
+    print(f"{results['machine']['device_name']}, {results['machine']['cores']} cores; {decoder!r}", flush=True)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(16, args.latent_frames, height // 8, width // 8, generator=g)
     tmp = tempfile.mkdtemp(prefix="ffbench-")
-    for dtype_name in args.dtypes.split(","):
-        dtype = DTYPES[dtype_name]
-        torch.manual_seed(0)
-        vae = AutoencoderKLWan().eval().requires_grad_(False)  # the real Wan 2.1 VAE architecture
-        decoder = WanDecoder.from_vae(vae, device=device, dtype=dtype)  # the device's default options
-        vae.to(device, dtype)
-        for size in args.sizes.split(","):
-            width, height = (int(v) for v in size.split("x"))
-            g = torch.Generator().manual_seed(1)
-            latents = torch.randn(16, args.latent_frames, height // 8, width // 8, generator=g)
-            # Warm-up: cuDNN picks its algorithms for these shapes once, outside the timings.
-            variant_d(decoder, latents[:, :3], device)
-            if "a" in variants:
-                with torch.no_grad():
-                    vae.decode((latents[:, :2].to(device, dtype)).unsqueeze(0))
-            row = {"dtype": dtype_name, "size": size, "latent_frames": args.latent_frames}
-            out = os.path.join(tmp, f"{dtype_name}-{size}")
-            if "a" in variants:
-                row["a"] = variant_a(vae, latents, decoder, device, dtype, out + "-a.mp4", args)
-            if "b" in variants:
-                row["b"] = variant_pipeline(decoder, latents, device, out + "-b.mp4", 0, args)
-            if "c" in variants:
-                # A worker keeps its pinned ring across shards: warm it as the decoder is warmed.
-                ring = []
-                variant_pipeline(decoder, latents[:, :3], device, out + "-warm.mp4", args.depth, args, ring)
-                row["c"] = variant_pipeline(decoder, latents, device, out + "-c.mp4", args.depth, args, ring)
-            if "d" in variants:
-                row["d"] = variant_d(decoder, latents, device)
-            if "c" in row and "d" in row:
-                row["c_over_d"] = row["c"]["wall_s"] / row["d"]["wall_s"]
-            if "a" in row and "c" in row:
-                row["c_speedup_over_a"] = row["a"]["wall_s"] / row["c"]["wall_s"]
-            results["runs"].append(row)
-            _print_row(row)
-            _save(results, args.out)
-            if args.long_frames and "c" in variants and size == args.sizes.split(",")[0]:
-                long = torch.randn(16, args.long_frames, height // 8, width // 8, generator=g)
-                c_long = variant_pipeline(decoder, long, device, out + "-long.mp4", args.depth, args, ring)
-                results["runs"].append({"dtype": dtype_name, "size": size, "latent_frames": args.long_frames,
-                                        "c": c_long,
-                                        "peak_ratio_long_over_short": c_long["peak_gpu_bytes"]
-                                        / max(1, row["c"]["peak_gpu_bytes"])})
-                print(f"  (c) at {args.long_frames} latent frames: {c_long['wall_s']:.2f} s, peak "
-                      f"{c_long['peak_gpu_bytes'] / 2**30:.2f} GiB vs {row['c']['peak_gpu_bytes'] / 2**30:.2f} GiB "
-                      f"at {args.latent_frames}", flush=True)
-        del vae, decoder
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
+    # Warm-up, outside every timing: cuDNN's algorithm choice, compiling and graph capture for
+    # these shapes, the pinned ring (a worker keeps it across shards), diffusers' first call.
+    ring: list = []
+    with stopwatch(device) as warm:
+        variant_d(decoder, latents[:, :4], device)
+        variant_c(decoder, latents[:, :4], device, os.path.join(tmp, "warm.mp4"), args, ring)
+        if "a" in args.variants:
+            with torch.no_grad():
+                vae.decode(latents[:, :2].to(device).unsqueeze(0))
+    results["warmup_s"] = warm["s"]
+    for run in range(1, args.runs + 1):
+        row = {"run": run}
+        if "a" in args.variants:
+            row["a"] = variant_a(vae, latents, device, os.path.join(tmp, f"a{run}.mp4"), args)
+        if "c" in args.variants:
+            row["c"] = variant_c(decoder, latents, device, os.path.join(tmp, f"c{run}.mp4"), args, ring)
+        if "d" in args.variants:
+            row["d"] = variant_d(decoder, latents, device)
+        if "a" in row and "c" in row:
+            row["a_over_c"] = row["a"]["wall_s"] / row["c"]["wall_s"]
+        if "c" in row and "d" in row:
+            row["c_over_d"] = row["c"]["wall_s"] / row["d"]["wall_s"]
+        results["runs"].append(row)
+        write_json(args.json, results)
+        _print_run(row, args, width, height)
+    sync(device)
+    verdict = _verdict(results["runs"])
+    results["verdict"] = verdict
+    write_json(args.json, results)
+    print(verdict["line"])
+    print(f"wrote {args.json}")
+    return 0
 
 
-def _save(results, path):
-    """After every row, so a run cut short by a time limit keeps what it measured."""
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-
-
-def _print_row(row):
-    print(f"\n{row['dtype']} {row['size']} x {row['latent_frames']} latent frames", flush=True)
-    print(f"  {'variant':<34}{'wall s':>8}{'GPU util':>10}{'peak GiB':>10}{'flush s':>9}{'bottleneck':>12}")
-    names = {"a": "(a) diffusers decode + encode", "b": "(b) framefarm sync", "c": "(c) framefarm async",
-             "d": "(d) streaming decode alone"}
-    for k in "abcd":
+def _print_run(row: dict, args, width: int, height: int) -> None:
+    print(f"\nrun {row['run']}: {width}x{height} x {args.latent_frames} latent frames", flush=True)
+    names = {"a": "(a) diffusers fp32 decode + encode", "c": "(c) framefarm bf16 pipeline",
+             "d": "(d) framefarm bf16 decode alone"}
+    table = []
+    for k in "acd":
         if k in row:
             r = row[k]
-            util = r.get("gpu_utilization")
-            print(f"  {names[k]:<34}{r['wall_s']:>8.2f}{(f'{100 * util:.1f}%' if util else '-'):>10}"
-                  f"{r['peak_gpu_bytes'] / 2**30:>10.2f}{r.get('flush_s', 0):>9.2f}{r.get('bottleneck', '-'):>12}")
+            table.append({"variant": names[k], "wall_s": r["wall_s"], "util": r.get("gpu_utilization"),
+                          "peak": r["peak_gpu_bytes"] / 2**30, "bottleneck": r.get("bottleneck"),
+                          "parts": r.get("parts"), "bytes": r.get("bytes")})
+    print_table(table, [("variant", "variant", ""), ("wall_s", "wall s", ".2f"), ("util", "GPU busy", ".1%"),
+                        ("peak", "peak GiB", ".2f"), ("bottleneck", "bottleneck", ""), ("parts", "parts", "d"),
+                        ("bytes", "bytes", "d")])
+    ratios = []
+    if "a_over_c" in row:
+        ratios.append(f"(a)/(c) = {row['a_over_c']:.3f} (target >= {A_OVER_C_TARGET})")
     if "c_over_d" in row:
-        print(f"  (c)/(d) = {row['c_over_d']:.3f}", end="")
-    if "c_speedup_over_a" in row:
-        print(f"   (a)/(c) = {row['c_speedup_over_a']:.3f}", end="")
-    print(flush=True)
+        ratios.append(f"(c)/(d) = {row['c_over_d']:.3f} (target <= {C_OVER_D_TARGET})")
+    if ratios:
+        print("  " + "   ".join(ratios), flush=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    _save(results, args.out)
-    print(f"\nwrote {args.out}" + (f" ({results['card']})" if results["card"] else ""))
-    return 0
+def _verdict(runs: list[dict]) -> dict:
+    c_over_d = [r["c_over_d"] for r in runs if "c_over_d" in r]
+    a_over_c = [r["a_over_c"] for r in runs if "a_over_c" in r]
+    v = {"c_over_d": c_over_d, "a_over_c": a_over_c,
+         "c_over_d_every_run": bool(c_over_d) and max(c_over_d) <= C_OVER_D_TARGET,
+         "a_over_c_every_run": bool(a_over_c) and min(a_over_c) >= A_OVER_C_TARGET}
+    parts = []
+    if c_over_d:
+        parts.append(f"(c)/(d) {', '.join(f'{x:.3f}' for x in c_over_d)}: "
+                     f"{'holds' if v['c_over_d_every_run'] else 'misses'} <= {C_OVER_D_TARGET} every run")
+    if a_over_c:
+        parts.append(f"(a)/(c) {', '.join(f'{x:.2f}' for x in a_over_c)}: "
+                     f"{'holds' if v['a_over_c_every_run'] else 'misses'} >= {A_OVER_C_TARGET} every run")
+    v["line"] = "\n" + "; ".join(parts)
+    return v
 
 
 if __name__ == "__main__":
