@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from concurrent import futures
@@ -26,9 +25,11 @@ from dataclasses import dataclass
 from actors.protocol import Segment, video_name
 from actors.stitch import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
+from infra.scratch import make_scratch, sweep_stale
 from infra.storage import open_store
 
 _POLL_S = 1.0  # how often a waiting thread looks at the stop flag
+SCRATCH_PREFIX = "framefarm-stitch-"
 
 
 class SegmentError(RuntimeError):
@@ -46,20 +47,24 @@ class _Verified:
 
 class SegmentAssembler:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, scratch_dir: str | None = None,
-                 verify_threads: int = 4):
+                 verify_threads: int = 4, video_prefix: str = ""):
+        """Segments' keys are relative to `output_uri`; the video goes under `video_prefix`
+        there (a render's own folder)."""
         if shard_count < 1:
             raise ValueError(f"shard_count must be >= 1, got {shard_count}")
         if verify_threads < 1:
             raise ValueError(f"verify_threads must be >= 1, got {verify_threads}")
         self.store = open_store(output_uri)
         self.fmt, self.fps, self.shard_count = fmt, fps, shard_count
-        self.scratch = tempfile.mkdtemp(prefix="framefarm-stitch-", dir=scratch_dir)
-        self.final_name = video_name(fmt)
+        sweep_stale(SCRATCH_PREFIX, scratch_dir)  # those of stitchers killed on this machine
+        self.scratch = make_scratch(SCRATCH_PREFIX, scratch_dir)
+        self.video = video_name(fmt)
+        self.final_name = f"{video_prefix.strip('/')}/{self.video}" if video_prefix.strip("/") else self.video
         # Stitch straight into the output folder when it is local (one rename commits it);
         # otherwise into scratch, uploaded once complete.
         local_out = self.store.local_path(self.final_name)
         self.local_output = local_out is not None
-        target = local_out or os.path.join(self.scratch, self.final_name)
+        target = local_out or os.path.join(self.scratch, self.video)
         if self.local_output:
             os.makedirs(os.path.dirname(target), exist_ok=True)
         self.concat = StreamingConcat(fmt, target, fps)
@@ -140,7 +145,7 @@ class SegmentAssembler:
             else:
                 self.store.put_file(result.path, self.final_name)
         shutil.rmtree(self.scratch, ignore_errors=True)
-        return {"video": self.final_name, "frames": result.frames, "bytes": result.bytes,
+        return {"video": self.video, "key": self.final_name, "frames": result.frames, "bytes": result.bytes,
                 "commit_s": time.perf_counter() - t, "verify_s": self.verify_s, "committed_at": time.time()}
 
     def abort(self):

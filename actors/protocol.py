@@ -195,6 +195,8 @@ class RenderSpec(BaseModel):
     depth: int = Field(2, ge=1, le=16, description="pinned host buffers in the frame pipeline's ring")
     max_attempts: int = Field(3, ge=1, description="tries per shard before the job fails")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
+    overwrite: bool = Field(False, description="replace the render of another job already in OUTPUT "
+                                               "(default: refuse; the same job again is already rendered)")
     price_per_gpu_hour: float = Field(3.36, ge=0, description="for the cost estimate (G7e on demand)")
     compile_cache: str | None = Field(
         None, description="where workers keep compiled decoder code: s3://... or a folder; default "

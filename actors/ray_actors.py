@@ -47,6 +47,10 @@ class _DecodeWorker:
     def describe(self) -> WorkerInfo:
         return self.worker.info
 
+    def close(self) -> None:
+        """Clean up before the pool kills this actor (a kill runs no cleanup of its own)."""
+        self.worker.close()
+
     def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
                     compile_cache: str | None = None) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
@@ -61,8 +65,8 @@ class _DecodeWorker:
 
 
 class _Stitcher:
-    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int):
-        self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count)
+    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
+        self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count, video_prefix=video_prefix)
 
     def add(self, segment: Segment) -> int:
         return self.assembler.add(segment)

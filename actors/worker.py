@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
-import tempfile
 import time
 
 import torch
@@ -26,10 +26,13 @@ from actors.protocol import (DecoderSpec, InputError, LatentSlice, SegmentRecord
 from actors.sinks import nvenc_available, open_sink
 from actors.startup import COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, StartupClock, StartupReport
 from infra.checksum import sha256_file
+from infra.scratch import make_scratch, sweep_stale
 from infra.storage import download_prefix, is_s3, open_store
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 log = logging.getLogger("framefarm")
+SCRATCH_PREFIX = "framefarm-scratch-"
+WEIGHTS_PREFIX = "framefarm-weights-"
 
 
 # PyTorch's caching allocator reserves more than the peak it hands out: 14.2 GiB reserved
@@ -80,10 +83,14 @@ def build_decoder(spec: DecoderSpec, device: torch.device, options: wan.DecoderO
         config = wan.ti2v_config() if spec.name == "wan2.2-ti2v" else None
         return wan.random_wan_decoder(config, device=device, dtype=dtype, seed=spec.seed, **kw)
     if is_s3(spec.weights):
-        # The weights are read into memory; the downloaded copy need not outlive the load.
-        with tempfile.TemporaryDirectory(prefix="framefarm-weights-") as local:
+        # The weights are read into memory; the downloaded copy need not outlive the load
+        # (and if this process is killed mid-download, the next worker sweeps it).
+        local = make_scratch(WEIGHTS_PREFIX)
+        try:
             download_prefix(spec.weights, local)
             return wan.load_wan_decoder(local, device=device, dtype=dtype, **kw)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
     return wan.load_wan_decoder(spec.weights, device=device, dtype=dtype, **kw)
 
 
@@ -132,13 +139,24 @@ class ShardWorker:
                 # Create the CUDA context now, where it shows as its own phase, not inside the first shard.
                 torch.empty(1, device=self.device)
             self.info = dataclasses.replace(describe_device(self.device), node_id=node_id, gpu_ids=tuple(gpu_ids))
-        self.scratch_dir = scratch_dir or tempfile.mkdtemp(prefix="framefarm-scratch-")
-        os.makedirs(self.scratch_dir, exist_ok=True)
+            # Probed once, at start: whether NVENC opens here does not change while the worker
+            # lives, and a job asking for an encoder that cannot open is refused, not retried.
+            self.nvenc = nvenc_available()
+        if scratch_dir:
+            os.makedirs(scratch_dir, exist_ok=True)
+        # Folders of workers killed on this machine (ray.kill, a lost node's OOM killer) ran
+        # no cleanup: the first worker to start after them sweeps them.
+        for prefix in (SCRATCH_PREFIX, WEIGHTS_PREFIX):
+            sweep_stale(prefix, scratch_dir if prefix == SCRATCH_PREFIX else None)
+        self.scratch_dir = make_scratch(SCRATCH_PREFIX, scratch_dir)
         self._decoders: dict[DecoderSpec, Decoder] = {}
         self._prepared: set[tuple[DecoderSpec, int, int]] = set()
         self._compile = StartupReport()  # what the last prepared decoder did about compiled code
-        self._auto_encoder: str | None = None
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
+
+    def close(self) -> None:
+        """Remove this worker's scratch folder; the worker is not used again."""
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     @property
     def startup(self) -> StartupReport:
@@ -221,13 +239,16 @@ class ShardWorker:
             torch.cuda.synchronize(self.device)
 
     def _encoder(self, requested: str) -> str:
-        """Resolve "auto" once per worker, so every segment of a job uses the same encoder
-        (the stitcher refuses to join segments whose codec parameters differ)."""
-        if requested != "auto":
-            return requested
-        if self._auto_encoder is None:
-            self._auto_encoder = "h264_nvenc" if nvenc_available() else "libx264"
-        return self._auto_encoder
+        """The encoder a request means here: "auto" is NVENC where it opens, else libx264, the
+        same on every shard (the stitcher refuses to join segments whose codec parameters
+        differ). NVENC asked for where it cannot open is bad input: no retry opens it."""
+        if requested == "auto":
+            return "h264_nvenc" if self.nvenc else "libx264"
+        if requested == "h264_nvenc" and not self.nvenc:
+            raise InputError(f"encoder h264_nvenc does not open on {self.info.hostname} "
+                             f"({self.info.device_name}): this GPU has no NVENC engine or the driver "
+                             "lacks it; use --encoder libx264 or auto")
+        return requested
 
     def check_input(self, spec: DecoderSpec, latent_height: int, latent_width: int,
                     encoder: str | None = None, compile_cache: str | None = None) -> dict:
@@ -237,6 +258,7 @@ class ShardWorker:
         the driver can hand every shard of the job that one encoder: workers on other kinds of
         GPU would otherwise choose differently, and the stitcher joins only identical streams.
         """
+        resolved = None if encoder is None else self._encoder(encoder)  # before the model loads
         self.prepare(spec, latent_height, latent_width, compile_cache)
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
@@ -245,8 +267,8 @@ class ShardWorker:
                    weights_bytes=decoder_weight_bytes(decoder))
         info = {"peak_memory_bytes": peak, "height": height, "width": width,
                 "startup": self.startup.as_dict()}
-        if encoder is not None:
-            info["encoder"] = self._encoder(encoder)
+        if resolved is not None:
+            info["encoder"] = resolved
         return info
 
     def render_shard(self, task: ShardTask, latents: torch.Tensor | LatentSlice) -> SegmentRecord:

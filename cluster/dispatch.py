@@ -118,6 +118,10 @@ class WorkerPool:
     def shutdown(self, wait_s: float = 0.0):
         """Kill every worker; with `wait_s`, also wait (that long at most) until they are dead,
         so that nothing they were writing is still being written when this returns."""
+        # A kill runs no cleanup in the worker: its scratch folder goes first, by asking.
+        closing = [actor.close.remote() for actor in self.actors]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=10)
         actors = self.actors + list(self._pending.values())
         for actor in actors:
             ray.kill(actor)
@@ -129,7 +133,7 @@ class WorkerPool:
             ray.wait(probes, num_returns=len(probes), timeout=wait_s)
 
 
-def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int):
+def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
     """On the driver's node: it must outlive any worker node, and the driver's node does.
 
     Hard affinity, because Ray's soft affinity spreads zero-CPU actors to other nodes
@@ -138,4 +142,4 @@ def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int):
     here = ray.get_runtime_context().get_node_id()
     return Stitcher.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-    ).remote(output_uri, fmt, fps, shard_count)
+    ).remote(output_uri, fmt, fps, shard_count, video_prefix)

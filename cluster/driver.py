@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -39,8 +40,11 @@ from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_st
 from cluster.geometry import decoder_geometry
 from cluster.latents import read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
+from cluster.publish import (OutputConflict, check_replaceable, current_record, is_whole, make_record, publish,
+                             render_prefix, sweep)
 from cluster.report import busy_label, chrome_trace, manifest_parquet, manifest_rows, stage_label, summarize
-from infra.storage import check_access, open_store
+from infra.lease import DEFAULT_TTL_S, Lease, LeaseHeld, LeaseLost, Renewer
+from infra.storage import LocationError, check_access, open_store
 
 log = logging.getLogger("framefarm")
 
@@ -51,6 +55,11 @@ class JobResult:
     manifest: list[dict]
     summary: dict
     plan: ShardPlan = field(repr=False, default=None)
+    already_rendered: bool = False  # OUTPUT held this very job's render: nothing was done
+
+
+class OutputBusy(InputError):
+    """Another job (or this same job, started twice) is rendering into OUTPUT."""
 
 
 _DIGEST_CHUNK = 16 << 20
@@ -86,19 +95,20 @@ class PreparedJob:
 
 def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> PreparedJob:
     """Step 1, no Ray: read and validate the input, find the context shards need."""
-    open_store(spec.output)  # a bad output URI fails here, not after the decode
     # Credentials and permissions too: without them the job would fail only once the workers
     # had started and decoded (or, for weights, loaded) something.
     check_access(spec.output, write=True)
     for uri in (spec.latents if latents is None else None, spec.decoder.weights):
         if uri:
             check_access(uri)
+    check_output(spec.output)
     geometry = decoder_geometry(spec.decoder)
     if latents is None:
         if not spec.latents:
             raise InputError("no latents given: pass a file, an s3:// URI or a tensor")
         latents = read_latents(spec.latents)
-    latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents")
+    latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents",
+                               dtype=torch.bfloat16 if spec.decoder.dtype == "bf16" else torch.float32)
     context = geometry.receptive_field if spec.overlap == "exact" else spec.overlap
     if context < geometry.receptive_field:
         log.warning("overlap %d < the decoder's receptive field (%d latent frames): frames near each shard's "
@@ -110,11 +120,26 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> PreparedJo
     return PreparedJob(latents, context, cost, spec.fingerprint(latents_digest(latents)))
 
 
+def check_output(uri: str) -> None:
+    """A bad output URI, a missing bucket or an OUTPUT under a regular file fails here, before
+    Ray starts, not after the decode (and then again on every retry)."""
+    try:
+        open_store(uri).check_location()
+    except LocationError as exc:
+        raise InputError(f"output {uri}: {exc}") from None
+
+
 class RenderJob:
     def __init__(self, spec: RenderSpec, latents: torch.Tensor | None = None, *, pool: WorkerPool | None = None,
                  on_event: Callable[[str, dict], None] | None = None, progress: bool = True,
-                 startup_timeout_s: float = 600.0):
+                 startup_timeout_s: float = 600.0, lease_ttl_s: float = DEFAULT_TTL_S):
         self.spec = spec
+        self.lease_ttl_s = lease_ttl_s
+        self._lease: Lease | None = None
+        self._renewer: Renewer | None = None
+        self._lease_lost: BaseException | None = None
+        self._previous: dict | None = None  # the render OUTPUT showed when this job took it
+        self._already: dict | None = None  # this job's own render, already published whole
         self._latents = latents
         self.pool = pool
         self.on_event = on_event or (lambda kind, info: None)
@@ -138,42 +163,108 @@ class RenderJob:
         self.cancelled.set()
 
     def prepare(self) -> PreparedJob:
-        """Read and validate the input (step 1); needs no Ray, so callers can fail fast."""
+        """Read and validate the input (step 1) and take OUTPUT's lease; needs no Ray, so
+        callers can fail fast. The lease is given back by `run` (or `release`)."""
         if self._prepared is None:
             self._prepare_started = time.time()  # the job's wall time counts reading its input
             with self._clock.phase("read + validate input"):
-                self._prepared = prepare(self.spec, self._latents)
+                prepared = prepare(self.spec, self._latents)
+            with self._clock.phase("take OUTPUT's lease"):
+                self._claim_output(prepared.fingerprint)
+            self._prepared = prepared
             self.job_id = self._prepared.fingerprint
         return self._prepared
 
+    def _claim_output(self, job_id: str) -> None:
+        """This job's render already there: nothing to do. Else the lease, or a refusal
+        naming who holds it; then a refusal to replace another job's render unless asked."""
+        spec = self.spec
+        store = open_store(spec.output)
+        record = current_record(store)
+        if record is not None and record["job_id"] == job_id and is_whole(store, record):
+            self._already = record
+            return
+        try:
+            check_replaceable(store)
+        except OutputConflict as exc:
+            raise InputError(str(exc)) from None
+        try:
+            lease = Lease.acquire(store, job_id, self.lease_ttl_s)
+        except LeaseHeld as exc:
+            if exc.holder.job == job_id:
+                raise OutputBusy(f"job {job_id} is already running into {spec.output}: "
+                                 f"{exc.holder.describe()}") from None
+            raise OutputBusy(f"{spec.output} is busy: {exc}; wait for it or choose another OUTPUT") from None
+        record = current_record(store)  # again, now that no one else can publish
+        if record is not None and record["job_id"] != job_id and not spec.overwrite:
+            lease.release()
+            raise InputError(f"{spec.output} holds the render of job {record['job_id']} "
+                             f"({record['frames']} frames); pass --overwrite (overwrite=True) to replace it")
+        self._lease, self._previous = lease, record
+        self._renewer = Renewer(lease, self._lose_lease)
+
+    def _lose_lease(self, exc: BaseException) -> None:
+        log.error("job stopping: %s", exc)
+        self._lease_lost = exc
+        self.cancelled.set()
+
+    def release(self) -> None:
+        """Give OUTPUT's lease back (run does this itself)."""
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
+        if self._lease is not None:
+            try:
+                self._lease.release()
+            except Exception as exc:  # noqa: BLE001 - it expires by itself
+                log.warning("could not give back the lease on %s: %s", self.spec.output, exc)
+            self._lease = None
+
     def run(self) -> JobResult:
         t_job = time.time()
-        job = self.prepare()
-        t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
-        own_pool = self._owns_pool = self.pool is None
-        if own_pool:
-            use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
-            self.pool = WorkerPool(workers, use_gpu)
-        ok = False
         try:
-            plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_frames,
-                               job.context_cost)
-            result = self._run(plan, job.latents, job.fingerprint, t_job)
-            ok = True
-            return result
-        finally:
+            job = self.prepare()
+            if self._already is not None:
+                return self._already_rendered()
+            t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
+            own_pool = self._owns_pool = self.pool is None
             if own_pool:
-                # Interrupted or failed: workers killed mid-shard leave partial files, removed
-                # once the workers are dead (a Farm's, replaced, are swept by the next run).
-                self.pool.shutdown(wait_s=0 if ok else 30)
-                self.pool = None
-                if not ok and self._segments_folder:
-                    _discard_partial(self.spec.output, self._segments_folder)
-                    # What a rerun will find: workers may have committed segments whose
-                    # results this driver never received.
-                    self.segments_committed = sum(
-                        1 for key in open_store(self.spec.output).list(self._segments_folder + "/")
-                        if key.endswith(".json"))
+                use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
+                self.pool = WorkerPool(workers, use_gpu)
+            ok = False
+            try:
+                plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_frames,
+                                   job.context_cost)
+                result = self._run(plan, job.latents, job.fingerprint, t_job)
+                ok = True
+                return result
+            except JobCancelled:
+                if self._lease_lost is not None:
+                    raise self._lease_lost from None
+                raise
+            finally:
+                if own_pool:
+                    # Interrupted or failed: workers killed mid-shard leave partial files, removed
+                    # once the workers are dead (a Farm's, replaced, are swept by the next run).
+                    self.pool.shutdown(wait_s=0 if ok else 30)
+                    self.pool = None
+                    if not ok and self._segments_folder:
+                        _discard_partial(self.spec.output, self._segments_folder)
+                        # What a rerun will find: workers may have committed segments whose
+                        # results this driver never received.
+                        self.segments_committed = sum(
+                            1 for key in open_store(self.spec.output).list(self._segments_folder + "/")
+                            if key.endswith(".json"))
+        finally:
+            self.release()
+
+    def _already_rendered(self) -> JobResult:
+        record, store = self._already, open_store(self.spec.output)
+        summary = json.loads(store.get_bytes(f"{record['prefix']}/summary.json"))
+        log.info("job %s: already rendered in %s (%d frames); nothing to do", record["job_id"],
+                 self.spec.output, record["frames"])
+        self.frames_done = self.frames_total = record["frames"]
+        return JobResult(output=self.spec.output, manifest=[], summary=summary, already_rendered=True)
 
     def _run(self, plan: ShardPlan, latents: torch.Tensor, job_id: str, t_job: float) -> JobResult:
         """Steps 3-5 of the module's list, on a started pool."""
@@ -213,7 +304,11 @@ class RenderJob:
                 self.segments_committed = len(metas)
                 todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
 
-        stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards))
+        removed = sweep(store, keep={job_id})
+        if removed:
+            log.info("job %s: removed %d leftovers of interrupted runs from %s", job_id, len(removed), spec.output)
+        # The video is written into this render's own folder; OUTPUT shows it once published.
+        stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
         ok = False
         try:
             stitch_refs = [stitcher.add.remote(metas[i].segment) for i in sorted(metas)]
@@ -359,9 +454,18 @@ class RenderJob:
                                    "format": spec.format,
                                    "decoded_latent_frames": sum(m.shard.decoded_latent_frames
                                                                 for m in all_metas if not m.reused)})
-        store.put_bytes("manifest.parquet", manifest_parquet(rows))
-        store.put_bytes("timeline.json", chrome_trace(all_metas, t_job, stitch, self._clock.phases))
-        store.put_bytes("summary.json", json.dumps(summary, indent=2).encode())
+        prefix = render_prefix(job_id)
+        local = store.local_path(stitch["key"]) is not None
+        # What a reader opens: the view locally (OUTPUT/video.mp4), the render's own key on S3.
+        summary["video"] = stitch["video"] if local else f"{prefix}/{stitch['video']}"
+        summary["render"] = job_id
+        store.put_bytes(f"{prefix}/manifest.parquet", manifest_parquet(rows))
+        store.put_bytes(f"{prefix}/timeline.json",
+                        chrome_trace(all_metas, t_job, stitch, self._clock.phases, render=job_id))
+        store.put_bytes(f"{prefix}/summary.json", json.dumps(summary, indent=2).encode())
+        record = make_record(store, job_id, stitch["video"], plan.frame_count)
+        self._lease.check()  # a job taken over while it stalled must not publish over the new holder
+        publish(store, record, self._previous)
         if not spec.keep_segments:
             # Segments exist for retries and resumes; once the video is committed they are dead
             # weight (the bucket's lifecycle rule expires those of abandoned jobs).
@@ -370,8 +474,9 @@ class RenderJob:
                 store.delete(m.key)
                 self.segments_committed -= 1
             store.discard_partial(self._segments_folder)
+        sweep(store, keep={job_id})  # what workers or a stitcher killed during this run left
         log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,
-                 spec.output.rstrip("/") + "/" + stitch["video"], plan.frame_count, plan.frame_count / spec.fps,
+                 spec.output.rstrip("/") + "/" + summary["video"], plan.frame_count, plan.frame_count / spec.fps,
                  wall)
         return JobResult(output=spec.output, manifest=rows, summary=summary, plan=plan)
 
@@ -396,13 +501,28 @@ def _discard_partial(output: str, folder: str) -> None:
         log.info("removed %d partial files that stopped workers left in %s", removed, folder)
 
 
+# Object-store refusals that the same request meets every time: no retry can succeed.
+_PERMANENT_S3_CODES = {"NoSuchBucket", "InvalidBucketName", "AccessDenied", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
+
+
 def _transient(cause: BaseException | None) -> bool:
     """Errors a retry may not meet again: the OS's (disk, network, a vanished scratch file)
-    and those of boto3's stack, which is matched by module so that boto3 need not be imported."""
+    and those of boto3's stack, which is matched by module so that boto3 need not be imported.
+    Refusals that cannot pass (a read-only filesystem, a missing bucket, denied access,
+    missing credentials) are not retried."""
     if isinstance(cause, OSError):
-        return True
+        return cause.errno != errno.EROFS
     module = type(cause).__module__ or ""
-    return module.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3")
+    if module.split(".")[0] not in ("botocore", "boto3", "s3transfer", "urllib3"):
+        return False
+    if type(cause).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return False
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code") not in _PERMANENT_S3_CODES
+    # boto3's transfer wraps the client's error into text: "An error occurred (NoSuchBucket) ..."
+    return not any(f"({code})" in str(cause) for code in _PERMANENT_S3_CODES)
 
 
 def _unwrap(exc: RayTaskError) -> BaseException:

@@ -12,7 +12,7 @@ from actors.protocol import SegmentRecord
 from actors.startup import Phase, StartupReport
 
 MANIFEST_COLUMNS = (
-    "shard", "start", "stop", "context_start", "context", "frame_start", "frame_end", "frames", "key",
+    "job_id", "shard", "start", "stop", "context_start", "context", "frame_start", "frame_end", "frames", "key",
     "bytes", "sha256", "attempts", "node_id", "hostname", "gpu_ids", "device_name", "started", "ended",
     "wall_s", "gpu_busy_s", "copy_s", "host_busy_s", "flush_s", "gpu_utilization", "bottleneck", "reused",
     "segment_kept",
@@ -35,7 +35,7 @@ def manifest_rows(records: list[SegmentRecord], segments_kept: bool = True) -> l
     for m in sorted(records, key=lambda m: m.shard.index):
         r, w, shard = m.report, m.worker, m.shard
         rows.append({
-            "shard": shard.index, "start": shard.start, "stop": shard.stop, "context_start": shard.context_start,
+            "job_id": m.job_id, "shard": shard.index, "start": shard.start, "stop": shard.stop, "context_start": shard.context_start,
             "context": shard.context, "frame_start": shard.frames[0], "frame_end": shard.frames[1],
             "frames": m.frames, "key": m.key, "bytes": m.bytes, "sha256": m.sha256, "attempts": m.attempt,
             "node_id": w.node_id, "hostname": w.hostname, "gpu_ids": ",".join(w.gpu_ids),
@@ -133,7 +133,7 @@ def summarize(records: list[SegmentRecord], *, frames: int, fps: int, wall_s: fl
 
 
 def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict | None = None,
-                 driver_phases: list[Phase] = ()) -> bytes:
+                 driver_phases: list[Phase] = (), render: str | None = None) -> bytes:
     """One track per worker device; its start-up phases (those inside the job) on thread 0,
     shards on 1 and their phases on 2, as complete ('X') events."""
     events = []
@@ -180,4 +180,5 @@ def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict 
         events.append({"name": "commit video", "ph": "X", "pid": 0, "tid": 1,
                        "ts": (t - stitch["commit_s"] - job_started) * 1e6, "dur": stitch["commit_s"] * 1e6,
                        "args": {}})
-    return json.dumps({"traceEvents": meta_events + events, "displayTimeUnit": "ms"}).encode()
+    return json.dumps({"traceEvents": meta_events + events, "displayTimeUnit": "ms",
+                       "otherData": {"render": render}}).encode()

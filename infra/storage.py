@@ -25,13 +25,20 @@ import stat
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
-from infra.staged import TMP_SUFFIX, Staged, write_file
+from infra.staged import TMP_SUFFIX, Staged, tmp_sibling, write_file
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+# S3's rules for bucket names, with the looser legacy ones (capitals, underscores) that old
+# us-east-1 buckets may still carry: anything else no S3 request can name.
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+
+
+class LocationError(ValueError):
+    """A store's root where nothing can be written, whatever is retried."""
 
 
 @runtime_checkable
@@ -55,6 +62,11 @@ class ObjectStore(Protocol):
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None: ...
 
+    def create_bytes(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+        """Write `key` only if nothing is there, as one atomic step (S3: a conditional PUT,
+        If-None-Match: *). True if this call created it; False if it existed."""
+        ...
+
     def get_bytes(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
@@ -76,6 +88,11 @@ class ObjectStore(Protocol):
 
     def local_path(self, key: str) -> str | None:
         """Where the object lives on this machine's filesystem, or None if remote."""
+        ...
+
+    def check_location(self) -> None:
+        """Raise LocationError if objects can never be written here (a missing bucket, a
+        root under a regular file): such a fault is the caller's input, not a passing one."""
         ...
 
 
@@ -185,6 +202,31 @@ class LocalStore:
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         write_file(self._path(key), lambda f: f.write(data))
 
+    def create_bytes(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+        # Written whole under a temporary name, then hard-linked to the key: link() fails if
+        # the key exists, so the key appears complete, and only once.
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tmp_sibling(path)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the new name survives a crash
+            finally:
+                os.close(dir_fd)
+            return True
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+
     def get_bytes(self, key: str) -> bytes:
         try:
             with open(self._file(key), "rb") as f:
@@ -262,6 +304,20 @@ class LocalStore:
     def local_path(self, key: str) -> str | None:
         return self._path(key)
 
+    def check_location(self) -> None:
+        path = self.root
+        while True:
+            if os.path.lexists(path):
+                if not os.path.isdir(path):
+                    what = "is" if path == self.root else "lies under"
+                    raise LocationError(f"{self.root} {what} a file ({path}), not a folder")
+                return
+            parent = os.path.dirname(path)
+            if parent == path:
+                return
+            path = parent
+
+
 # ---------------------------------------------------------------------------------------
 # S3
 
@@ -297,8 +353,8 @@ class S3Store:
         multipart_chunksize: int = 64 * MiB,
         max_concurrency: int = 8,
     ):
-        if not bucket or "/" in bucket:
-            raise ValueError(f"bad S3 bucket name {bucket!r}")
+        if not _BUCKET.match(bucket or "") or ".." in bucket:
+            raise LocationError(f"bad S3 bucket name {bucket!r}: 3-63 letters, digits, dots and hyphens")
         prefix = prefix.strip("/")
         if prefix:
             check_key(prefix)
@@ -405,6 +461,17 @@ class S3Store:
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
 
+    def create_bytes(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data), IfNoneMatch="*")
+        except Exception as e:
+            # 412: the key exists. 409: another conditional write to it is in flight, which
+            # will win or has won.
+            if _error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         # download_fileobj rather than get_object: s3transfer retries a body stream
         # that breaks mid-read and fetches large objects in parallel ranges.
@@ -487,6 +554,39 @@ class S3Store:
     def local_path(self, key: str) -> str | None:
         check_key(key)
         return None
+
+    def abort_uploads(self) -> list[str]:
+        """Abort unfinished multipart uploads under this store's prefix (a process killed
+        mid-upload leaves one: invisible, but stored and billed); returns their keys."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        aborted = []
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+                for upload in page.get("Uploads", ()):
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                        UploadId=upload["UploadId"])
+                    aborted.append(f"s3://{self.bucket}/{upload['Key']}")
+        except Exception as e:
+            if _error_code(e) not in _FORBIDDEN_CODES:
+                raise
+            log.warning("cannot list unfinished uploads under %s (%s): the bucket's lifecycle rule "
+                        "must abort them", self.uri, _error_code(e))
+        return aborted
+
+    def check_location(self) -> None:
+        # A one-key listing of the prefix: allowed under the job's least-privilege policy,
+        # where HeadBucket may not be.
+        try:
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "",
+                                         MaxKeys=1)
+        except Exception as e:
+            code = _error_code(e)
+            if code in ("NoSuchBucket", "InvalidBucketName"):
+                raise LocationError(f"{self.uri}: bucket {self.bucket!r} does not exist "
+                                    f"({code}); create it or fix the URI") from None
+            raise
+
 
 # ---------------------------------------------------------------------------------------
 # URIs
@@ -574,6 +674,7 @@ def download_prefix(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
 
 
 __all__ = [
+    "LocationError",
     "ObjectStore",
     "LocalStore",
     "S3Store",

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     s = result.summary
+    if result.already_rendered:
+        print(f"framefarm: already rendered: {spec.output} holds this job's video ({s['frames']} frames); "
+              "nothing to do")
+        return 0
     print(json.dumps({k: s[k] for k in ("frames", "video_seconds", "wall_seconds", "realtime_factor",
                                         "gpu_utilization", "estimated_cost_usd", "shards")}, indent=2))
     print(f"framefarm: wrote {where}/{s['video']} ({s['frames']} frames, "

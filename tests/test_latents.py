@@ -58,6 +58,25 @@ def test_finite_values_too_large_to_sum_are_accepted_and_one_inf_among_them_is_n
     assert validate_latents(half, Z) is half
 
 
+def test_values_beyond_the_decoders_dtype_are_refused():
+    # fp64 values beyond fp32's range are finite as given but inf in an fp32 decoder (Wan
+    # then writes black frames); fp32 values beyond bf16's largest are inf in a bf16 one.
+    wide = torch.ones(Z, 3, 4, 6, dtype=torch.float64)
+    wide[2, 1, 0, 0], wide[3, 2, 1, 1] = 1e300, -1e39
+    with pytest.raises(InputError, match="2 non-finite values in the decoder's float32"):
+        validate_latents(wide, Z, dtype=torch.float32)
+    assert validate_latents(torch.full((Z, 2, 4, 6), 1e30, dtype=torch.float64), Z) is not None
+    near = torch.ones(Z, 2, 4, 6)
+    near[0, 0, 0, 0] = 3.4e38  # finite in fp32, not in bf16
+    assert validate_latents(near, Z, dtype=torch.float32) is near
+    with pytest.raises(InputError, match="1 non-finite values in the decoder's bfloat16"):
+        validate_latents(near, Z, dtype=torch.bfloat16)
+    nan64 = torch.ones(Z, 2, 4, 6, dtype=torch.float64)
+    nan64[1, 1, 1, 1] = float("nan")
+    with pytest.raises(InputError, match="1 non-finite values"):
+        validate_latents(nan64, Z)
+
+
 def test_latents_digest_sees_every_value_shape_and_dtype():
     x = torch.randn(Z, 3, 64, 64 * 100)  # 75 MiB: several of the digest's chunks
     d = latents_digest(x)

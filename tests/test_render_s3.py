@@ -51,24 +51,31 @@ def test_s3_latents_to_s3_video(s3_ray, tmp_path):
     result = render(f"s3://{bucket}/inputs/clip.safetensors", out, decoder={"name": "test-pattern"},
                     format="mp4", shard_frames=4, workers=2, keep_segments=True, progress=False)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/clip/")["Contents"]}
-    for name in ("video.mp4", "manifest.parquet", "summary.json", "timeline.json"):
-        assert f"renders/clip/{name}" in keys
+    # render.json, written last, publishes the render; its files live under its own prefix.
+    record = json.loads(s3.get_object(Bucket=bucket, Key="renders/clip/render.json")["Body"].read())
+    render_keys = {f"renders/clip/{record['prefix']}/{name}" for name in
+                   ("video.mp4", "manifest.parquet", "summary.json", "timeline.json", "render.json")}
+    assert render_keys <= keys and result.summary["video"] == f"{record['prefix']}/video.mp4"
     assert sum(k.startswith("renders/clip/segments/") and k.endswith(".mp4") for k in keys) == 4
-    s3.download_file(bucket, "renders/clip/video.mp4", str(tmp_path / "video.mp4"))
+    assert keys - render_keys - {"renders/clip/render.json"} == {k for k in keys if "/segments/" in k}
+    s3.download_file(bucket, f"renders/clip/{result.summary['video']}", str(tmp_path / "video.mp4"))
     frames = read_frames(str(tmp_path / "video.mp4"), "mp4")
     assert [read_index(f) for f in frames] == list(range(pixel_frames(t)))
-    summary = json.loads(s3.get_object(Bucket=bucket, Key="renders/clip/summary.json")["Body"].read())
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"renders/clip/{record['prefix']}/summary.json")["Body"].read())
     assert summary["frames"] == pixel_frames(t) == result.summary["frames"]
+    assert summary["render"] == record["job_id"] == summary["job_id"]
 
 
 def test_png_to_s3_rerendered_shorter_leaves_no_stale_frames(s3_ray):
     s3, bucket = s3_ray
     out = f"s3://{bucket}/renders/png"
     for t in (3, 2):  # 9 frames, then 5 under the same name
-        render(pattern_latents(t, 96, 128), out, decoder={"name": "test-pattern"}, format="png",
-               workers=2, progress=False)
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/png/frames/")["Contents"])
-    assert keys == [f"renders/png/frames/{i:06d}.png" for i in range(pixel_frames(2))]
+        result = render(pattern_latents(t, 96, 128), out, decoder={"name": "test-pattern"}, format="png",
+                        workers=2, progress=False, overwrite=True)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/png/")["Contents"])
+    frames = f"renders/png/{result.summary['video']}"
+    assert [k for k in keys if "/frames/" in k] == [f"{frames}/{i:06d}.png" for i in range(pixel_frames(2))]
+    assert len({k.split("/")[3] for k in keys if k.startswith("renders/png/renders/")}) == 1  # the first render went
 
 
 def test_weights_from_s3(s3_ray, tiny_wan_dir, tmp_path):

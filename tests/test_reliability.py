@@ -1,0 +1,158 @@
+"""Faults and bad inputs on a real local Ray: the project's own processes killed or stopped by
+their PIDs, OUTPUT shared by jobs, encoders that cannot open. Every test checks the frames
+by the test pattern's indices, or a clean refusal, and that no earlier render was lost."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+import ray
+
+from actors.decoders import pattern_latents, read_index
+from actors.sinks import read_frames
+from cluster.api import render, submit
+from cluster.driver import OutputBusy, RenderJob
+from cluster.plan import pixel_frames
+from infra.staged import TMP_SUFFIX
+from actors.protocol import InputError, RenderSpec
+
+PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _indices(out, name):
+    fmt = {"video.mp4": "mp4", "video.mkv": "ffv1", "frames": "png"}[name]
+    return [read_index(f) for f in read_frames(os.path.join(out, name), fmt)]
+
+
+def _leftovers(out) -> list[str]:
+    return [n for _, dirs, files in os.walk(out) for n in dirs + files if n.endswith(TMP_SUFFIX)]
+
+
+def _wait_for(condition, timeout_s: float = 120.0, what: str = "") -> None:
+    """Poll a condition on the filesystem; the worker makes progress on its own meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_one_render_per_output_same_job_done_once_other_job_only_with_overwrite(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    first_latents = pattern_latents(9, 96, 128)
+    busy = []
+
+    def second_job_while_first_runs(kind, info):
+        if kind == "dispatch" and not busy:
+            # Same OUTPUT, another job, while the first holds it: refused at once, naming it.
+            with pytest.raises(OutputBusy, match=r"is busy: .* job [0-9a-f]{16} \(host .* pid"):
+                RenderJob(RenderSpec(output=out, decoder={"name": "test-pattern"}, format="ffv1"),
+                          pattern_latents(5, 96, 128), progress=False).prepare()
+            busy.append(True)
+
+    first = submit(first_latents, out, shard_frames=3, on_event=second_job_while_first_runs,
+                   decoder={"name": "test-pattern"}).wait(timeout=300)
+    assert busy and _indices(out, "video.mp4") == list(range(pixel_frames(9)))
+
+    # The same job again: already rendered, no work at all.
+    events = []
+    again = submit(first_latents, out, shard_frames=3, on_event=lambda kind, info: events.append(kind),
+                   decoder={"name": "test-pattern"}).wait(timeout=300)
+    assert again.already_rendered and events == [] and again.summary["render"] == first.summary["render"]
+
+    # Another job: refused, the first render untouched; with overwrite it replaces it,
+    # a video of another format included, and nothing of the user's goes.
+    with pytest.raises(InputError, match=r"holds the render of job .* pass --overwrite"):
+        render(pattern_latents(5, 96, 128), out, format="ffv1", **PATTERN)
+    assert _indices(out, "video.mp4") == list(range(pixel_frames(9)))
+    second = render(pattern_latents(5, 96, 128), out, format="ffv1", overwrite=True, **PATTERN)
+    assert _indices(out, "video.mkv") == list(range(pixel_frames(5)))
+    assert sorted(os.listdir(out)) == sorted(["video.mkv", "manifest.parquet", "summary.json", "timeline.json",
+                                              "render.json", "renders", "notes.txt"])
+    assert sorted(os.listdir(os.path.join(out, "renders"))) == sorted(["current", second.summary["render"]])
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+    assert _leftovers(out) == []
+
+
+def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
+    out = str(tmp_path / "out")
+    latents = pattern_latents(121, 96, 128)  # two shards of 240 frames: long enough to catch mid-write
+    pids, killed = [], []
+
+    def kill_while_writing(kind, info):
+        if kind == "dispatch":
+            pids.append(info["info"]["pid"])
+        if kind == "dispatch" and not killed:
+            segments = os.path.join(out, "segments")
+            _wait_for(lambda: any(n.endswith(TMP_SUFFIX) for _, _, files in os.walk(segments) for n in files),
+                      what="a segment being written")
+            os.kill(info["info"]["pid"], signal.SIGKILL)
+            killed.append(info["info"]["pid"])
+
+    result = submit(latents, out, format="ffv1", shard_frames=60, workers=2, on_event=kill_while_writing,
+                    decoder={"name": "test-pattern"}).wait(timeout=600)
+    assert killed and result.summary["retried_shards"] >= 1
+    assert _indices(out, "video.mkv") == list(range(pixel_frames(121)))
+    assert _leftovers(out) == []  # the killed writer's partial segment went with the run
+    assert not os.path.exists(os.path.join(out, "segments")) or not os.listdir(os.path.join(out, "segments"))
+    # The dead worker's scratch folder was swept by the next worker to start; the others'
+    # went with their workers.
+    owners = [re.match(r"framefarm-scratch-(\d+)-", n) for n in os.listdir(tempfile.gettempdir())]
+    assert not [m.group(0) for m in owners if m and int(m.group(1)) in pids]
+
+
+def test_an_encoder_that_cannot_open_is_refused_once_not_retried(tmp_path):
+    out = tmp_path / "out"
+    retries = []
+    with pytest.raises(InputError, match="h264_nvenc does not open"):
+        submit(pattern_latents(5, 96, 128), str(out), encoder="h264_nvenc", shard_frames=2,
+               on_event=lambda kind, info: retries.append(kind) if kind in ("retry", "dispatch") else None,
+               decoder={"name": "test-pattern"}).wait(timeout=300)
+    assert retries == []  # refused before any shard went out
+    assert not out.exists() or _leftovers(str(out)) == [] and not os.path.exists(out / "video.mp4")
+
+
+def test_a_stopped_driver_loses_its_lease_and_publishes_nothing(tmp_path):
+    """A job whose lease was taken over (its driver stalled past the expiry) stops before
+    publishing; the render in OUTPUT stays whole."""
+    from infra.lease import Lease, lease_key
+    from infra.storage import LocalStore
+    import json
+
+    out = str(tmp_path / "out")
+    render(pattern_latents(5, 96, 128), out, **PATTERN)
+    taken = threading.Event()
+
+    def take_over(kind, info):
+        if kind == "dispatch" and not taken.is_set():
+            store = LocalStore(out)
+            (key,) = [k for k in store.list(".framefarm-lease.")]
+            record = json.loads(store.get_bytes(key))
+            store.put_bytes(key, json.dumps({**record, "expires": time.time() - 1}).encode())
+            Lease.acquire(store, "someone-else", ttl_s=3600)
+            taken.set()
+
+    job = submit(pattern_latents(9, 96, 128), out, shard_frames=3, overwrite=True, on_event=take_over,
+                 decoder={"name": "test-pattern"})
+    with pytest.raises(Exception, match="lease on .* (taken over|no longer)"):
+        job.wait(timeout=300)
+    assert _indices(out, "video.mp4") == list(range(pixel_frames(5)))
+    assert LocalStore(out).list(".framefarm-lease.") == [lease_key(2)]  # the new holder's, untouched
