@@ -21,7 +21,8 @@ from cluster.driver import OutputBusy, RenderJob
 from cluster.publish import (RECORD, current_record, delete_render, is_whole, make_record, publish, render_prefix,
                              sweep)
 from infra.lease import Holder, Lease, LeaseHeld, LeaseLost, lease_key
-from infra.storage import TMP_SUFFIX, LocalStore, S3Store
+from infra.staged import TMP_SUFFIX
+from infra.storage import LocalStore, S3Store
 from actors.protocol import InputError, RenderSpec
 from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
 

@@ -18,9 +18,9 @@ from actors.decoders import pattern_latents, read_index
 from actors.sinks import read_frames
 from cluster.api import render, submit
 from cluster.driver import OutputBusy, RenderJob
-from cluster.plan import pixel_frames
+
 from infra.staged import TMP_SUFFIX
-from actors.protocol import InputError, RenderSpec
+from actors.protocol import InputError, RenderSpec, pixel_frames
 
 PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
 
