@@ -141,7 +141,7 @@ def test_jobs_into_a_busy_output_are_refused_before_ray_starts(tmp_path):
     try:
         with pytest.raises(OutputBusy, match=rf"is already running into {out}: job [0-9a-f]{{16}} \(host"):
             RenderJob(*_spec(out), progress=False).prepare()
-        with pytest.raises(OutputBusy, match=rf"{out} is busy: .* job {first.prepare()[3]}"):
+        with pytest.raises(OutputBusy, match=rf"{out} is busy: .* job {first.prepare().fingerprint}"):
             RenderJob(*_spec(out, frames=4), progress=False).prepare()
     finally:
         first.release()

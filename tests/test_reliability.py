@@ -99,13 +99,13 @@ def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
 
     def kill_while_writing(kind, info):
         if kind == "dispatch":
-            pids.append(info["info"]["pid"])
+            pids.append(info["info"].pid)
         if kind == "dispatch" and not killed:
             segments = os.path.join(out, "segments")
             _wait_for(lambda: any(n.endswith(TMP_SUFFIX) for _, _, files in os.walk(segments) for n in files),
                       what="a segment being written")
-            os.kill(info["info"]["pid"], signal.SIGKILL)
-            killed.append(info["info"]["pid"])
+            os.kill(info["info"].pid, signal.SIGKILL)
+            killed.append(info["info"].pid)
 
     result = submit(latents, out, format="ffv1", shard_frames=60, workers=2, on_event=kill_while_writing,
                     decoder={"name": "test-pattern"}).wait(timeout=600)
