@@ -37,8 +37,9 @@ def resolve_workers(device: str, workers: int | None) -> tuple[bool, int]:
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if workers is None:
         if use_gpu and gpus == 0:
-            raise NoWorkersError("--device cuda without --workers on a cluster that has no GPU yet: "
-                                 "say how many GPU workers to ask the autoscaler for")
+            raise NoWorkersError("device 'cuda' without a number of workers on a cluster that has no GPU yet: "
+                                 "say how many GPU workers to ask the autoscaler for (workers=N; "
+                                 "CLI: --workers N)")
         workers = gpus if use_gpu else 2
     return use_gpu, workers
 
@@ -93,8 +94,8 @@ class WorkerPool:
                 raise NoWorkersError(
                     f"no decode worker started within {timeout_s:.0f} s: each needs {need}; the cluster "
                     f"has {dict(ray.available_resources())} available of {dict(ray.cluster_resources())}. "
-                    "Check `ray status` (an autoscaler may still be adding nodes; raise "
-                    "--startup-timeout), or ask for fewer --workers.")
+                    "Check `ray status` (an autoscaler may still be adding nodes: wait longer with "
+                    "startup_timeout_s=, CLI --startup-timeout), or ask for fewer workers.")
 
     @property
     def starting(self) -> int:

@@ -57,7 +57,7 @@ def decoder_geometry(spec: DecoderSpec) -> DecoderGeometry:
     variant = wan_topology.variant_name(config).removesuffix("-vae")
     if spec.weights and variant in ("wan2.1", "wan2.2-ti2v") and variant != spec.name:
         raise ValueError(f"{spec.weights} holds a {variant} VAE (by its config.json), but the job asks for "
-                         f"decoder {spec.name!r}; pass --decoder {variant}")
+                         f"decoder {spec.name!r}; ask for decoder {variant!r}")
     if top.time_scale != TEMPORAL_SCALE:
         # The planner's frame arithmetic (1 + 4(T-1) frames) is Wan's; refuse before any work.
         raise ValueError(f"this VAE's config compresses time {top.time_scale}x; framefarm plans shards for "
