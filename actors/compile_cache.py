@@ -139,8 +139,13 @@ def decoder_facts(decoder) -> dict:
         source = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
         source = ""
+    config = getattr(decoder, "config", None)
+    if isinstance(config, dict):
+        # diffusers' private bookkeeping ("_use_default_values" is a list in set order, which
+        # changes with every process's hash seed) would give each worker its own key.
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "name": getattr(decoder, "name", cls.__name__),
-            "config": getattr(decoder, "config", None), "options": options,
+            "config": config, "options": options,
             "code": hashlib.sha256(source.encode()).hexdigest()[:16]}
 
 

@@ -123,3 +123,24 @@ def test_a_second_process_elsewhere_compiles_nothing(tmp_path):
     second = _child(store, key, str(tmp_path / "node-b"))
     assert second["found"] and second["misses"] == 0 and second["hits"] >= 1 and second["saved"] == 0
     assert second["out"] == first["out"]
+
+
+_KEY_OF_A_WAN_DECODER = """
+import torch
+from actors import compile_cache as cc
+from actors.wan import random_wan_decoder, tiny_wan_config
+d = random_wan_decoder(tiny_wan_config(), seed=1)
+print(cc.compile_cache_key(cc.cache_facts(cc.runtime_facts(torch.device("cpu")), cc.decoder_facts(d), 8, 8, "fp32")))
+"""
+
+
+def test_every_process_names_a_wan_decoder_s_compiled_code_alike():
+    # Seen on an H200: diffusers' config carries a list in set order, so two workers (two
+    # hash seeds) keyed the same decoder differently and never found each other's cache.
+    keys = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", _KEY_OF_A_WAN_DECODER], env=env, capture_output=True,
+                             text=True, timeout=300, check=True)
+        keys.add(out.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1, keys
