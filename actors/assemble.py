@@ -33,7 +33,15 @@ SCRATCH_PREFIX = "framefarm-stitch-"
 
 
 class SegmentError(RuntimeError):
-    """A segment failed verification: it is not what its worker reported."""
+    """A segment failed verification: it is not what its worker reported. `key` names it, so
+    that the driver can delete it and render its shard again."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # crosses Ray with its key
+        return (SegmentError, (str(self), self.key))
 
 
 @dataclass
@@ -183,7 +191,7 @@ class SegmentAssembler:
         try:
             size = os.path.getsize(path)
             if size != segment.bytes:
-                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {segment.bytes}")
+                raise SegmentError(f"segment {key}: {size} bytes, its worker reported {segment.bytes}", key)
             digest = self._hash_pool.submit(sha256_file, path)
             try:
                 layout = inspect_segment(path, self.fmt, self.fps)
@@ -191,12 +199,12 @@ class SegmentAssembler:
                 sha256 = digest.result()  # also when inspection failed: no hash left running
             if sha256 != segment.sha256:
                 raise SegmentError(f"segment {key}: sha256 {sha256[:12]}..., its worker reported "
-                                   f"{segment.sha256[:12]}...; delete it and run the job again")
+                                   f"{segment.sha256[:12]}...", key)
             if layout.frames != segment.frames:
-                raise SegmentError(f"segment {key}: {layout.frames} frames, expected {segment.frames}")
+                raise SegmentError(f"segment {key}: {layout.frames} frames, expected {segment.frames}", key)
         except ValueError as exc:  # inspect_segment's refusal of a malformed segment
             self._discard(path, fetched)
-            raise SegmentError(str(exc)) from exc
+            raise SegmentError(str(exc), key) from exc
         except BaseException:
             self._discard(path, fetched)
             raise

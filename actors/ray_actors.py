@@ -6,6 +6,7 @@ Ray assigned. The driver talks to these only through `cluster.dispatch`.
 
 from __future__ import annotations
 
+import os
 import time
 
 # A Ray worker imports this module to build its actor: the heavy imports below (torch,
@@ -67,6 +68,9 @@ class _DecodeWorker:
 class _Stitcher:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
         self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count, video_prefix=video_prefix)
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid()}
 
     def add(self, segment: Segment) -> int:
         return self.assembler.add(segment)

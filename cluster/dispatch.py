@@ -144,3 +144,53 @@ def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int, video_
     return Stitcher.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
     ).remote(output_uri, fmt, fps, shard_count, video_prefix)
+
+
+class StitcherLink:
+    """The job's stitcher and the segments handed to it. A stitcher that died, or refused a
+    segment, is replaced by `restart`, and the new one is handed every segment again (they
+    stay in storage until the video is published)."""
+
+    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
+        self._args = (output_uri, fmt, fps, shard_count, video_prefix)
+        self.actor = start_stitcher(*self._args)
+        self._refs: list = []
+
+    def add(self, segment) -> None:
+        self._refs.append(self.actor.add.remote(segment))
+
+    def check(self) -> None:
+        """Raise now what the stitcher has reported so far: a segment it refused (RayTaskError
+        with a SegmentError) or its own death (RayActorError)."""
+        if not self._refs:
+            return
+        done, self._refs = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+        for ref in done:
+            ray.get(ref)
+
+    def pid(self) -> int:
+        return ray.get(self.actor.describe.remote())["pid"]
+
+    def finish(self) -> dict:
+        ray.get(self._refs)
+        self._refs = []
+        return ray.get(self.actor.finish.remote())
+
+    def restart(self, segments) -> None:
+        try:  # a live one (it refused a segment) drops its partial output first
+            ray.get(self.actor.abort.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - dead: the next run's sweep removes what it left
+            pass
+        ray.kill(self.actor)
+        self.actor = start_stitcher(*self._args)
+        self._refs = []
+        for segment in segments:
+            self.add(segment)
+
+    def close(self, ok: bool) -> None:
+        if not ok:
+            try:
+                ray.get(self.actor.abort.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - the job's own error matters more (a dead stitcher too)
+                pass
+        ray.kill(self.actor)

@@ -33,10 +33,11 @@ from ray.util import metrics
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from actors.assemble import SegmentError
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.protocol import InputError, LatentSlice, RenderSpec, SegmentRecord, segment_key, shard_task, sidecar_key
 from actors.startup import StartupClock
-from cluster.dispatch import JobCancelled, WorkerPool, resolve_workers, start_stitcher
+from cluster.dispatch import JobCancelled, StitcherLink, WorkerPool, resolve_workers
 from cluster.geometry import decoder_geometry
 from cluster.latents import read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
@@ -308,23 +309,25 @@ class RenderJob:
         if removed:
             log.info("job %s: removed %d leftovers of interrupted runs from %s", job_id, len(removed), spec.output)
         # The video is written into this render's own folder; OUTPUT shows it once published.
-        stitcher = start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
+        link = StitcherLink(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
+        self.on_event("stitcher", {"pid": link.pid()})
+        self._heals = {"stitcher": 0}
         ok = False
         try:
-            stitch_refs = [stitcher.add.remote(metas[i].segment) for i in sorted(metas)]
-            self._render_shards(plan, latents, job_id, todo, metas, stitcher, stitch_refs, encoder)
-            ray.get(stitch_refs)
-            stitch = ray.get(stitcher.finish.remote())
+            for i in sorted(metas):
+                link.add(metas[i].segment)
+            while True:
+                self._render_shards(plan, latents, job_id, todo, metas, link, encoder)
+                try:
+                    stitch = link.finish()
+                    break
+                except (RayTaskError, RayActorError) as exc:
+                    self._heal_stitching(exc, link, plan, metas, todo)  # then render what it requeued
             ok = True
         except RayTaskError as exc:
             raise _unwrap(exc) from None
         finally:
-            if not ok:
-                try:
-                    ray.get(stitcher.abort.remote(), timeout=60)
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
-            ray.kill(stitcher)
+            link.close(ok)
         return self._report(plan, store, [metas[i] for i in sorted(metas)], stitch, job_id, t_job)
 
     def _check_input(self, latents: torch.Tensor) -> dict:
@@ -349,7 +352,45 @@ class RenderJob:
                     raise
         raise AssertionError("unreachable")
 
-    def _render_shards(self, plan, latents, job_id, todo, metas, stitcher, stitch_refs, encoder):
+    def _heal_stitching(self, exc: BaseException, link: StitcherLink, plan, metas, todo) -> None:
+        """What the stitcher reported, mended: a committed segment that failed verification is
+        deleted and its shard queued again; a dead stitcher is replaced. Either way the (new)
+        stitcher gets every committed segment again. Bounded: a shard's segment heals at most
+        max_attempts times, the stitcher restarts at most max_attempts times; past that the
+        job fails with one line."""
+        spec = self.spec
+        cause = exc.cause if isinstance(exc, RayTaskError) else None
+        if isinstance(cause, SegmentError) and cause.key is not None:
+            index = next((i for i, m in metas.items() if m.key == cause.key), None)
+            if index is None:
+                raise cause
+            self._heals[index] = self._heals.get(index, 0) + 1
+            if self._heals[index] > spec.max_attempts:
+                raise SegmentError(f"shard {index}: its segment failed verification {self._heals[index]} times; "
+                                   f"last: {cause}", cause.key) from None
+            log.warning("shard %d: committed segment failed verification (%s); deleting it and rendering the "
+                        "shard again", index, cause)
+            store = open_store(spec.output)
+            store.delete(sidecar_key(cause.key))
+            store.delete(cause.key)
+            meta = metas.pop(index)
+            self.segments_committed -= 1
+            self.frames_done -= meta.frames
+            todo.appendleft((plan.shards[index], meta.attempt + 1))
+            self.on_event("heal", {"shard": plan.shards[index], "key": cause.key})
+        elif isinstance(exc, RayActorError):
+            self._heals["stitcher"] += 1
+            if self._heals["stitcher"] > spec.max_attempts:
+                raise RuntimeError(f"the stitcher died {self._heals['stitcher']} times (last: {type(exc).__name__}); "
+                                   "committed segments are kept: run the job again to resume") from None
+            log.warning("the stitcher was lost (%s); starting another and handing it the %d committed segments",
+                        type(exc).__name__, len(metas))
+        else:
+            raise exc
+        link.restart([metas[i].segment for i in sorted(metas)])
+        self.on_event("stitcher", {"pid": link.pid()})
+
+    def _render_shards(self, plan, latents, job_id, todo, metas, link, encoder):
         """Dispatch with ray.wait until every shard is committed; retry shards of lost workers."""
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
@@ -370,6 +411,10 @@ class RenderJob:
             while todo or inflight:
                 if self.cancelled.is_set():
                     raise JobCancelled(f"job {job_id} cancelled")
+                try:
+                    link.check()  # a dead stitcher or a bad segment is seen now, not after the last shard
+                except (RayTaskError, RayActorError) as exc:
+                    self._heal_stitching(exc, link, plan, metas, todo)
                 pool.poll_ready()
                 pending.set(len(todo) + len(inflight), tags={"job": job_id})
                 for actor in [a for a in pool.actors if a not in busy]:
@@ -417,7 +462,7 @@ class RenderJob:
                     metas[shard.index] = meta
                     self.segments_committed += 1
                     slices.pop(shard.index, None)  # committed: its latents can leave the object store
-                    stitch_refs.append(stitcher.add.remote(meta.segment))
+                    link.add(meta.segment)
                     bar.update(meta.frames)
                     self.frames_done += meta.frames
                     w, r = meta.worker, meta.report

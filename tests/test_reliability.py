@@ -156,3 +156,46 @@ def test_a_stopped_driver_loses_its_lease_and_publishes_nothing(tmp_path):
         job.wait(timeout=300)
     assert _indices(out, "video.mp4") == list(range(pixel_frames(5)))
     assert LocalStore(out).list(".framefarm-lease.") == [lease_key(2)]  # the new holder's, untouched
+
+
+def test_a_damaged_committed_segment_is_deleted_and_rendered_again(tmp_path):
+    out = tmp_path / "out"
+    latents = pattern_latents(13, 96, 128)
+    render(latents, str(out), format="ffv1", shard_frames=3, keep_segments=True, **PATTERN)
+    (segment,) = [p for p in sorted(out.glob("segments/*/*.mkv")) if p.name.startswith("00002_")]
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flipped bytes in a committed segment
+    segment.write_bytes(bytes(data))
+    (out / "video.mkv").unlink()  # the render is no longer whole: the job runs again, reusing segments
+    events = []
+    result = submit(latents, str(out), format="ffv1", shard_frames=3,
+                    on_event=lambda kind, info: events.append((kind, info)),
+                    decoder={"name": "test-pattern"}).wait(timeout=300)
+    healed = [info["shard"].index for kind, info in events if kind == "heal"]
+    assert healed == [2]
+    assert [info.shard.index for kind, info in events if kind == "done"] == [2]  # only it was decoded
+    assert result.summary["reused_shards"] == 4
+    assert _indices(str(out), "video.mkv") == list(range(pixel_frames(13)))
+    assert _leftovers(str(out)) == []
+
+
+def test_a_killed_stitcher_is_replaced_at_once_and_the_video_is_exact(tmp_path):
+    out = str(tmp_path / "out")
+    latents = pattern_latents(61, 96, 128)
+    order, pids = [], []
+
+    def kill_stitcher_after_first_shard(kind, info):
+        order.append(kind)
+        if kind == "stitcher":
+            pids.append(info["pid"])
+        if kind == "done" and order.count("done") == 1:
+            os.kill(pids[0], signal.SIGKILL)
+
+    submit(latents, out, format="ffv1", shard_frames=6, workers=2, on_event=kill_stitcher_after_first_shard,
+           decoder={"name": "test-pattern"}).wait(timeout=600)
+    assert len(pids) == 2 and pids[0] != pids[1]
+    # Noticed while shards still ran, not after the last one.
+    assert order.index("stitcher", 1) < len(order) - 1 - order[::-1].index("done")
+    assert _indices(out, "video.mkv") == list(range(pixel_frames(61)))
+    assert _leftovers(out) == []
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"framefarm-stitch-{pids[0]}-")]
