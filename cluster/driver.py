@@ -443,7 +443,7 @@ class RenderJob:
                         # The worker is fine but its shard failed. Worth another try only if
                         # the cause may pass (I/O, the network, object storage); bad input or
                         # a bug fails the same way every time.
-                        if not _transient(exc.cause) or attempt >= spec.max_attempts:
+                        if not retryable(exc.cause) or attempt >= spec.max_attempts:
                             raise
                         log.warning("shard %d: %s: %s; retrying (attempt %d)", shard.index,
                                     type(exc.cause).__name__, exc.cause, attempt + 1)
@@ -551,7 +551,7 @@ _PERMANENT_S3_CODES = {"NoSuchBucket", "InvalidBucketName", "AccessDenied", "Inv
                        "SignatureDoesNotMatch", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
 
 
-def _transient(cause: BaseException | None) -> bool:
+def retryable(cause: BaseException | None) -> bool:
     """Errors a retry may not meet again: the OS's (disk, network, a vanished scratch file)
     and those of boto3's stack, which is matched by module so that boto3 need not be imported.
     Refusals that cannot pass (a read-only filesystem, a missing bucket, denied access,

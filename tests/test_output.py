@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from actors.decoders import pattern_latents
-from cluster.driver import OutputBusy, RenderJob
+from cluster.driver import OutputBusy, RenderJob, retryable
 from cluster.publish import (RECORD, current_record, delete_render, is_whole, make_record, publish, render_prefix,
                              sweep)
 from infra.lease import Holder, Lease, LeaseHeld, LeaseLost, lease_key
@@ -309,3 +309,20 @@ def test_deleting_a_render_goes_by_its_list(store):
     store.put_bytes(f"{render_prefix('1' * 16)}/mine.txt", b"mine")
     delete_render(store, record)
     assert store.list(f"{render_prefix('1' * 16)}/") == [f"{render_prefix('1' * 16)}/mine.txt"]
+
+
+def test_errors_no_retry_can_pass_are_not_retried():
+    import errno
+
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    def client_error(code):
+        return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+
+    assert retryable(OSError(errno.ENOSPC, "disk full")) and retryable(ConnectionResetError())
+    assert retryable(EndpointConnectionError(endpoint_url="http://x")) and retryable(client_error("SlowDown"))
+    assert not retryable(OSError(errno.EROFS, "read-only file system"))
+    for code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"):
+        assert not retryable(client_error(code))
+    assert not retryable(NoCredentialsError())
+    assert not retryable(InputError("bad latents")) and not retryable(ValueError("a bug"))
