@@ -259,12 +259,13 @@ class ShardWorker:
         GPU would otherwise choose differently, and the stitcher joins only identical streams.
         """
         resolved = None if encoder is None else self._encoder(encoder)  # before the model loads
-        self.prepare(spec, latent_height, latent_width, compile_cache)
         decoder = self.decoder(spec)
         height, width = latent_height * decoder.spatial_scale, latent_width * decoder.spatial_scale
         peak = decoder.peak_memory_bytes(height, width)
+        # Before the warm-up decodes at this size: a frame too large is a clear refusal, not an OOM.
         check_fits(peak, self.info.device_memory, height, width, self.info.device_name,
                    weights_bytes=decoder_weight_bytes(decoder))
+        self.prepare(spec, latent_height, latent_width, compile_cache)
         info = {"peak_memory_bytes": peak, "height": height, "width": width,
                 "startup": self.startup.as_dict()}
         if resolved is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from actors.colour import to_uint8_frames
-from actors.protocol import DecoderSpec, Shard, ShardTask
+from actors.protocol import DecodeSpec, DecoderSpec, EncodeSpec, Shard, ShardTask
 from actors.sinks import read_frames
 from actors.wan import load_wan_decoder
 from actors.worker import ShardWorker, build_decoder
@@ -47,9 +47,9 @@ def test_a_compile_that_fails_falls_back_to_eager_and_says_so(tiny_wan_dir, tmp_
 
         # The shard decodes, eagerly, the same frames as an eager decoder.
         latents = tiny_latents(4, seed=5)
-        task = ShardTask(job_id="j", shard=Shard(0, 0, 4, 0), output_uri=str(tmp_path / "out"),
-                         segment_key="s.mkv", decoder=spec, format="ffv1", fps=16, compile_cache=cache)
-        meta = worker.render_shard(task, latents)
-    assert meta["startup"]["compile"] == "eager-fallback"
+        task = ShardTask("j", Shard(0, 0, 4, 0), str(tmp_path / "out"), "s.mkv",
+                         DecodeSpec(spec, "pruned", 2, cache), EncodeSpec("ffv1", 16, "auto", 18, "veryfast", 0))
+        record = worker.render_shard(task, latents)
+    assert record.startup.compile == "eager-fallback"
     reference = np.concatenate([to_uint8_frames(c).numpy() for c in load_wan_decoder(tiny_wan_dir).stream(latents)])
     np.testing.assert_array_equal(read_frames(str(tmp_path / "out" / "s.mkv"), "ffv1"), reference)
