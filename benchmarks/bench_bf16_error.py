@@ -26,9 +26,7 @@ diffusers' fp32 decode with TF32 off. No timing here: the same numbers come out 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import time
 
@@ -36,19 +34,19 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from actors.wan import WanDecoder, ieee_fp32, tiny_wan_config
+from benchmarks.common import parser, write_json
 
 GUARD = 1e-2
 STAGES = 4  # latent resolution, then three 2x spatial upsamples (Wan 2.1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bf16_error", description=__doc__.split("\n\n")[0])
+    p = parser("bench_bf16_error", __doc__, "bench_bf16_error.json")
     p.add_argument("--config", choices=["wan2.1", "tiny2.1"], default="wan2.1")
     p.add_argument("--seeds", default="0,1,2", help="model seeds; the latents use seed + 20")
     p.add_argument("--latent", default="6x6", help="latent WIDTHxHEIGHT (8x the frame size)")
     p.add_argument("--frames", type=int, default=4, help="latent frames (1 + 4(T-1) output frames)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="bench_bf16_error.json")
     args = p.parse_args(argv)
     try:
         args.latent_w, args.latent_h = (int(v) for v in args.latent.lower().split("x"))
@@ -170,14 +168,13 @@ def measure(args) -> int:
         "device": args.device, "guard": GUARD, "rows": rows, "mean": mean,
         "torch": torch.__version__, "machine": platform.node(), "seconds": time.perf_counter() - t0,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
     print(f"\nrelative L2 error against fp32 (TF32 off), {args.config}, latents {args.latent} x "
           f"{args.frames}, guard {GUARD:g}")
     print(f"{'variant':<22}" + "".join(f"{'seed ' + str(r['seed']):>11}" for r in rows) + f"{'mean':>11}")
     for k in names:
         print(f"{k:<22}" + "".join(f"{r[k]:>11.2e}" for r in rows) + f"{mean[k]:>11.2e}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.json}")
     return 0
 
 

@@ -28,8 +28,6 @@ table; writes JSON after every run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import tempfile
@@ -40,12 +38,13 @@ import torch
 
 from actors.ray_actors import decode_worker_class
 from actors.protocol import DecoderSpec
+from benchmarks.common import parser, write_json
 
 RUNS = ("no-cache", "cache", "off")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_coldstart", description=__doc__.split("\n\n")[0])
+    p = parser("bench_coldstart", __doc__, "bench_coldstart.json")
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT in pixels")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -55,7 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--no-prewarm", action="store_true", help="skip the page-cache warm-up actor")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="the decoder's compile option (auto: compiled on CUDA, eager elsewhere)")
-    p.add_argument("--out", default="bench_coldstart.json")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per run")
     args = p.parse_args(argv)
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
@@ -113,10 +111,7 @@ def one_run(cls, label: str, device: str, spec: DecoderSpec, latent_h: int, late
 
 
 def _save(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, results)
 
 
 def main(argv=None) -> int:
@@ -158,10 +153,10 @@ def main(argv=None) -> int:
             row = one_run(cls, label, args.device, spec, latent_h, latent_w, cache, args.timeout_s)
             row["wait_gpu_free_s"] = _wait_gpus_free(gpus)
             results["runs"].append(row)
-            _save(results, args.out)
+            _save(results, args.json)
     finally:
         ray.shutdown()
-    _save(results, args.out)
+    _save(results, args.json)
 
     name = results["runs"][0]["device_name"] if results["runs"] else "?"
     print(f"\n{name}, {args.decoder} {args.dtype} at {args.width}x{args.height}; seconds from the actor's creation"
@@ -176,7 +171,7 @@ def main(argv=None) -> int:
         if r["compile_error"]:
             print(f"          compile error: {r['compile_error'][:300]}")
     print("target: first decode step within 10 s of creation with the cache (issue 9)")
-    print(f"JSON: {args.out}")
+    print(f"JSON: {args.json}")
     return 0
 
 

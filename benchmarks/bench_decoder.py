@@ -29,13 +29,10 @@ rewritten after every variant; a table is printed last.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
-import os
 import platform
 import signal
 import statistics
@@ -46,6 +43,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from actors.wan import DecoderOptions, WanDecoder, ieee_fp32, ti2v_config, tiny_wan_config
+from benchmarks.common import parser, write_json
 
 WARMUP_STEPS = 4  # the first latent, then up to graph_warmup eager steady steps, then the capture
 OPTION_SETS: dict[str, DecoderOptions] = {
@@ -71,12 +69,11 @@ MARGIN_S = 8  # kept free at the end to write results
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decoder", description=__doc__.split("\n\n")[0])
+    p = parser("bench_decoder", __doc__, "bench_decoder.json")
     p.add_argument("--sizes", default="1280x720,832x480", help="WIDTHxHEIGHT, comma-separated, in order")
     p.add_argument("--frames", type=int, default=10, help="latent frames per stream (>= 2; the first steps are warm-up)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="subset of " + ",".join(ALL_VARIANTS))
     p.add_argument("--config", choices=sorted(CONFIGS), default="wan2.1", help="VAE architecture (random weights)")
-    p.add_argument("--out", default="bench_decoder.json")
     p.add_argument("--time-budget-s", type=float, default=300.0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile-mode", default="default", help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
@@ -407,13 +404,13 @@ def run(args) -> dict:
         latents = torch.randn(z_dim, args.frames, height // s, width // s, generator=g).to(device)
         if budget.left() < 30 + MARGIN_S:
             row["skipped"] = "budget"
-            save(results, args.out)
+            save(results, args.json)
             continue
         try:
             refs = [decode_reference(vae32, latents, device), decode_reference(rounded, latents, device)]
         except Exception as e:  # noqa: BLE001 (e.g. out of memory at a size too big for fp32)
             row["error"] = f"fp32 reference: {type(e).__name__}: {e}"
-            save(results, args.out)
+            save(results, args.json)
             continue
         clear()
         for name in variants:
@@ -431,11 +428,11 @@ def run(args) -> dict:
                     compile_failed = r["error"][:200]
             add_speedups(row)
             print(format_variant(size, name, row["variants"][name]), flush=True)
-            save(results, args.out)
+            save(results, args.json)
         del latents, refs
         clear()
     results["wall_s"] = args.time_budget_s - budget.left()
-    save(results, args.out)
+    save(results, args.json)
     print_table(results)
     return results
 
@@ -498,10 +495,7 @@ def clear() -> None:
 
 def save(results, path) -> None:
     """After every variant, atomically, so a run cut short keeps what it measured."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json(path, results)
 
 
 # ---------------------------------------------------------------------------------------

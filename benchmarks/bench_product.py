@@ -26,8 +26,6 @@ count. Prints a table last; writes JSON (rewritten after each path).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import tempfile
@@ -39,13 +37,14 @@ from actors.pipeline import run_pipeline
 from actors.protocol import DecodeSpec, DecoderSpec, EncodeSpec, Shard, ShardTask
 from actors.sinks import open_sink
 from actors.worker import ShardWorker
+from benchmarks.common import parser, write_json
 from benchmarks.diffusers_stream import DiffusersStream
 
 SPATIAL = 8  # Wan 2.1: pixels per latent pixel
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_product", description=__doc__.split("\n\n")[0])
+    p = parser("bench_product", __doc__, "bench_product.json")
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT in pixels (multiples of 8)")
     p.add_argument("--latent-frames", type=int, default=81)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -53,7 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="the decoder's compile option (auto: compiled on CUDA, eager elsewhere)")
-    p.add_argument("--out", default="bench_product.json")
     p.add_argument("--compile-cache", default=None,
                    help="compile cache folder for the product worker (default: a fresh temporary one); off: none")
     p.add_argument("--skip-old", action="store_true", help="only the product path")
@@ -138,10 +136,7 @@ def machine(device: torch.device) -> dict:
 
 
 def _save(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, results)
 
 
 def main(argv=None) -> int:
@@ -161,7 +156,7 @@ def main(argv=None) -> int:
                "latents": list(latents.shape)}
     with tempfile.TemporaryDirectory(prefix="bench-product-") as workdir:
         results["product"] = product(args, latents, workdir, cache)
-        _save(results, args.out)
+        _save(results, args.json)
         if not args.skip_old:
             results["old"] = old_path(args, latents, workdir, device)
             new, old = results["product"]["runs"], results["old"]["runs"]
@@ -172,7 +167,7 @@ def main(argv=None) -> int:
                 "target": 2.2,
             }
             results["same_frame_count"] = old[-1]["frames"] == new[-1]["frames"]
-        _save(results, args.out)
+        _save(results, args.json)
 
     print(f"\n{results['machine'].get('gpu', 'cpu')}, {args.width}x{args.height}, {args.latent_frames} latent frames, "
           f"{args.dtype}; product start-up {results['product']['startup']['seconds']:.1f} s "
@@ -185,7 +180,7 @@ def main(argv=None) -> int:
         ratio = results["ratio_old_over_product"]
         print(f"old / product, pipeline: {ratio['pipeline_last']:.2f}x (last run), {ratio['pipeline_first']:.2f}x "
               f"(first); GPU busy: {ratio['gpu_busy_last'] or float('nan'):.2f}x; target >= 2.2x")
-    print(f"JSON: {args.out}")
+    print(f"JSON: {args.json}")
     return 0
 
 

@@ -11,8 +11,6 @@ GPU time, in latent frames' worth (`measured_context_cost`). Prints a table and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,11 +18,12 @@ import time
 import ray
 import torch
 
+from benchmarks.common import machine, parser, write_json
 from cluster.api import Farm
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_scaling", description=__doc__.split("\n\n")[0])
+    p = parser("bench_scaling", __doc__, "scaling.json")
     p.add_argument("--gpus", default="1,2,4")
     p.add_argument("--latent-frames", type=int, default=361)
     p.add_argument("--size", default="1280x720")
@@ -33,7 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--overlap", default="exact")
     p.add_argument("--context-mode", default="pruned", choices=["pruned", "full"])
     p.add_argument("--encoder-threads", type=int, default=0)
-    p.add_argument("--out", default="scaling.json")
     return p.parse_args(argv)
 
 
@@ -101,10 +99,8 @@ def main(argv=None) -> int:
               f"{r['decode_throughput']:>8.2f}{100 * r['throughput_vs_linear']:>10.1f}%{r['speedup']:>10.2f}"
               f"{r['last_shard_to_video_s']:>8.2f}{(100 * util if util else 0):>9.1f}%"
               + (f"{r['context_cost_measured']:>10.2f}" if r["context_cost_measured"] is not None else f"{'-':>10}"))
-    with open(args.out, "w") as f:
-        json.dump({"card": card, "date": time.strftime("%Y-%m-%d"), "args": vars(args), "cpu_count": os.cpu_count(),
-                   "runs": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.json, {"card": card, "machine": machine(), "args": vars(args), "runs": rows})
+    print(f"wrote {args.json}")
     return 0
 
 

@@ -19,11 +19,8 @@ table and writes JSON; medians of --repeat runs.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -31,6 +28,7 @@ import ray
 import torch
 
 from actors.protocol import LatentSlice
+from benchmarks.common import machine, parser, write_json
 from cluster.driver import latents_digest
 from cluster.latents import validate_latents
 from cluster.plan import plan_shards
@@ -39,12 +37,11 @@ CONTEXT = 38
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_startup", description=__doc__.split("\n\n")[0])
+    p = parser("bench_startup", __doc__, "bench_startup.json")
     p.add_argument("--latent-frames", type=int, default=361)
     p.add_argument("--size", default="1280x720")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", default="bench_startup.json")
     args = p.parse_args(argv)
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     if min(args.latent_frames, args.shards, args.repeat) < 1:
@@ -113,11 +110,10 @@ def main(argv=None) -> int:
     print(f"{'step':<22}{'before s':>10}{'now s':>9}{'x':>7}")
     for name, before, now in rows + [("total", total_before, total_now)]:
         print(f"{name:<22}{before:>10.3f}{now:>9.3f}{before / now:>7.1f}")
-    with open(args.out, "w") as f:
-        json.dump({"args": dict(vars(args)), "megabytes": mb, "slice_megabytes": slice_mb,
-                   "cpu_count": os.cpu_count(), "machine": platform.node(), "date": time.strftime("%Y-%m-%d"),
-                   "rows": [{"step": n, "before_s": b, "now_s": a} for n, b, a in rows]}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.json, {"args": dict(vars(args)), "megabytes": mb, "slice_megabytes": slice_mb,
+                           "machine": machine(),
+                           "rows": [{"step": n, "before_s": b, "now_s": a} for n, b, a in rows]})
+    print(f"wrote {args.json}")
     return 0
 
 

@@ -21,10 +21,7 @@ rows of one run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -36,18 +33,18 @@ from actors.assemble import SegmentAssembler
 from actors.protocol import Segment
 from actors.sinks import count_frames, open_sink
 from actors.stitch import StreamingConcat
+from benchmarks.common import machine, parser, write_json
 from infra.checksum import sha256_file
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_stitch", description=__doc__.split("\n\n")[0])
+    p = parser("bench_stitch", __doc__, "bench_stitch.json")
     p.add_argument("--segments", type=int, default=4)
     p.add_argument("--frames", type=int, default=360, help="frames per segment")
     p.add_argument("--size", default="1280x720")
     p.add_argument("--verify-threads", default="1,4")
     p.add_argument("--repeat", type=int, default=3, help="runs per variant; the median is reported")
     p.add_argument("--dir", default=None, help="where to write segments and videos (default: a temp dir)")
-    p.add_argument("--out", default="bench_stitch.json")
     args = p.parse_args(argv)
     try:
         args.width, args.height = (int(v) for v in args.size.lower().split("x"))
@@ -125,11 +122,8 @@ def main(argv=None) -> int:
     print(f"{'variant':<14}{'median s':>10}{'vs serial':>11}{'MB/s':>8}")
     for r in rows:
         print(f"{r['variant']:<14}{r['median_s']:>10.3f}{base / r['median_s']:>10.2f}x{total_mb / r['median_s']:>8.0f}")
-    with open(args.out, "w") as f:
-        json.dump({"args": dict(vars(args)), "megabytes": total_mb, "cpu_count": os.cpu_count(),
-                   "machine": platform.node(), "processor": platform.processor(), "date": time.strftime("%Y-%m-%d"),
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.json, {"args": dict(vars(args)), "megabytes": total_mb, "machine": machine(), "rows": rows})
+    print(f"wrote {args.json}")
     return 0
 
 
