@@ -77,7 +77,10 @@ def _free(device: torch.device) -> None:
 def _row(path: str, run: int, wall: float, report: dict, frames: int, video_bytes: int) -> dict:
     return {"path": path, "run": run, "pipeline_s": wall, "gpu_busy_s": report["gpu_busy_s"],
             "gpu_utilization": report["gpu_utilization"], "bottleneck": report["bottleneck"],
-            "frames": frames, "bytes": video_bytes, "peak_gpu_bytes": report.get("peak_gpu_bytes", 0)}
+            "frames": frames, "bytes": video_bytes, "peak_gpu_bytes": report.get("peak_gpu_bytes", 0),
+            # The whole report: where a pipeline's wall time beyond the GPU's went (the sink's
+            # flush, waits for buffers, the host's idle time) shows only there.
+            "report": report}
 
 
 def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dict:
