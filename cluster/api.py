@@ -8,8 +8,10 @@
 array ([C,T,H,W] or [1,C,T,H,W]). Options are `actors.protocol.RenderSpec`'s fields, as keywords;
 `decoder` is a name, a dict or a DecoderSpec, and its fields (weights, random_weights,
 dtype, seed) may also be keywords: `render(z, "out/", decoder="wan2.1", weights="/models/vae")`. Ray is joined if running, or started
-locally; `address=` picks a cluster explicitly. A `Farm` keeps its decode workers (and
-their loaded models) across jobs.
+locally; `address=` picks a cluster explicitly. Shards go to the cluster's warm farm when
+one runs (`service="auto"`; "on" also starts it, "off" never uses it: cluster/service.py,
+`python -m jobs.farm`). A `Farm` keeps decode workers of this process (and their loaded
+models) across its jobs, for a notebook on a cluster without the warm farm.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from actors.protocol import DecoderSpec, InputError, RenderSpec
 from cluster.dispatch import WorkerPool, resolve_workers
 from cluster.driver import JobResult, RenderJob
+from cluster.service import use_farm
 
 
 def connect(address: str | None = None, **init_kwargs) -> bool:
@@ -115,7 +118,8 @@ class Farm:
 
 
 def render(latents, output: str | os.PathLike, *, address: str | None = None, progress: bool = True,
-           farm: Farm | None = None, startup_timeout_s: float = 600.0, **options) -> JobResult:
+           farm: Farm | None = None, service: str = "auto", startup_timeout_s: float = 600.0,
+           **options) -> JobResult:
     """Render one video and block until it is committed; returns its manifest and summary.
 
     `startup_timeout_s`: how long to wait for a first decode worker (an autoscaler adding a
@@ -125,7 +129,7 @@ def render(latents, output: str | os.PathLike, *, address: str | None = None, pr
     spec, tensor = make_spec(latents, output, options)
     job = RenderJob(spec, tensor, progress=progress, startup_timeout_s=startup_timeout_s)
     job.prepare()  # bad input and options fail here, before Ray is started or joined
-    connect(address)
+    job.use_farm = use_farm(service, spec.device, spec.workers, connect(address))
     return job.run()
 
 
@@ -169,14 +173,14 @@ class JobHandle:
 
 
 def submit(latents, output: str | os.PathLike, *, address: str | None = None, farm: Farm | None = None,
-           on_event=None, startup_timeout_s: float = 600.0, **options) -> JobHandle:
+           service: str = "auto", on_event=None, startup_timeout_s: float = 600.0, **options) -> JobHandle:
     """Start a render in a background thread; the handle tells progress, waits or cancels."""
     spec, tensor = make_spec(latents, output, options)
     job = RenderJob(spec, tensor, pool=farm.pool if farm else None, on_event=on_event, progress=False,
                     startup_timeout_s=startup_timeout_s)
     job.prepare()  # bad input fails in the caller, before Ray, not later in the handle's wait()
     if farm is None:
-        connect(address)
+        job.use_farm = use_farm(service, spec.device, spec.workers, connect(address))
     return JobHandle(job)
 
 

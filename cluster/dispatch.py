@@ -111,6 +111,35 @@ class WorkerPool:
         self.info.pop(actor, None)
         ray.kill(actor, no_restart=True)
 
+    # The calls the driver makes, through the pool so that another kind of pool (the warm
+    # farm's, cluster.service.ServicePool) can stand in: refs here are Ray object refs.
+    farm = False
+
+    @staticmethod
+    def check_input(actor, spec, latent_height: int, latent_width: int, encoder, compile_cache=None):
+        return actor.check_input.remote(spec, latent_height, latent_width, encoder, compile_cache)
+
+    @staticmethod
+    def render_shard(actor, task, latents_ref):
+        return actor.render_shard.remote(task, latents_ref)
+
+    @staticmethod
+    def wait(refs: list, timeout: float) -> list:
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        return done
+
+    @staticmethod
+    def get(ref, timeout: float | None = None):
+        return ray.get(ref, timeout=timeout)
+
+    @staticmethod
+    def cancel(ref) -> None:
+        ray.cancel(ref, force=False)
+
+    def workers_used(self, metas: list[dict]) -> int:
+        """Workers the job's time is billed on: the whole pool, busy or not."""
+        return self.size
+
     def replace(self, actor):
         """Kill `actor` (lost, or busy with work nobody wants any more) and start another."""
         self.forget(actor)

@@ -38,6 +38,7 @@ from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.protocol import InputError, LatentSlice, RenderSpec, SegmentRecord, segment_key, shard_task, sidecar_key
 from actors.startup import StartupClock
 from cluster.dispatch import JobCancelled, StitcherLink, WorkerPool, resolve_workers
+from cluster.service import ServicePool
 from cluster.geometry import decoder_geometry
 from cluster.latents import read_latents, validate_latents
 from cluster.plan import ShardPlan, plan_shards
@@ -133,8 +134,9 @@ def check_output(uri: str) -> None:
 class RenderJob:
     def __init__(self, spec: RenderSpec, latents: torch.Tensor | None = None, *, pool: WorkerPool | None = None,
                  on_event: Callable[[str, dict], None] | None = None, progress: bool = True,
-                 startup_timeout_s: float = 600.0, lease_ttl_s: float = DEFAULT_TTL_S):
+                 startup_timeout_s: float = 600.0, lease_ttl_s: float = DEFAULT_TTL_S, use_farm: bool = False):
         self.spec = spec
+        self.use_farm = use_farm  # send shards to the warm farm (cluster.service) instead of own workers
         self.lease_ttl_s = lease_ttl_s
         self._lease: Lease | None = None
         self._renewer: Renewer | None = None
@@ -229,7 +231,10 @@ class RenderJob:
                 return self._already_rendered()
             t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
             own_pool = self._owns_pool = self.pool is None
-            if own_pool:
+            if own_pool and self.use_farm:
+                with self._clock.phase("take a share of the farm"):
+                    self.pool = ServicePool()
+            elif own_pool:
                 use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
                 self.pool = WorkerPool(workers, use_gpu)
             ok = False
@@ -330,6 +335,10 @@ class RenderJob:
             link.close(ok)
         return self._report(plan, store, [metas[i] for i in sorted(metas)], stitch, job_id, t_job)
 
+    def record_phase(self, name: str, start: float, end: float | None = None) -> None:
+        """A step of the job before its first shard taken outside it (the CLI joining Ray)."""
+        self._clock.add(name, start, time.time() if end is None else end)
+
     def _check_input(self, latents: torch.Tensor) -> dict:
         """The first worker up loads the model, says whether a frame fits its device and which
         encoder "auto" means for this job. A refusal comes before the stitcher exists, so
@@ -340,9 +349,9 @@ class RenderJob:
             pool.wait_ready(self.startup_timeout_s, self.cancelled)
             actor = pool.actors[0]
             try:
-                return ray.get(actor.check_input.remote(spec.decoder, latents.shape[2], latents.shape[3],
-                                                        spec.encoder if spec.format == "mp4" else None,
-                                                        self.compile_cache))
+                return pool.get(pool.check_input(actor, spec.decoder, latents.shape[2], latents.shape[3],
+                                                 spec.encoder if spec.format == "mp4" else None,
+                                                 self.compile_cache))
             except RayTaskError as exc:
                 raise _unwrap(exc) from None
             except RayActorError as exc:
@@ -425,7 +434,7 @@ class RenderJob:
                         slices[shard.index] = ray.put(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
                     task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache,
                                       attempt=attempt)
-                    inflight[actor.render_shard.remote(task, slices[shard.index])] = (shard, attempt, actor)
+                    inflight[pool.render_shard(actor, task, slices[shard.index])] = (shard, attempt, actor)
                     busy.add(actor)
                     self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
                                                "info": pool.info.get(actor)})
@@ -433,12 +442,12 @@ class RenderJob:
                     # Shards wait and no worker is up: every one died. Wait for the replacements.
                     pool.wait_ready(self.startup_timeout_s, self.cancelled)
                     continue
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                done = pool.wait(list(inflight), timeout=1.0)
                 for ref in done:
                     shard, attempt, actor = inflight.pop(ref)
                     busy.discard(actor)
                     try:
-                        meta = ray.get(ref)
+                        meta = pool.get(ref)
                     except RayTaskError as exc:
                         # The worker is fine but its shard failed. Worth another try only if
                         # the cause may pass (I/O, the network, object storage); bad input or
@@ -480,7 +489,7 @@ class RenderJob:
             # has those actors killed and replaced; a job's own pool is shut down anyway.
             for ref, (_, _, actor) in inflight.items():
                 if self._owns_pool:
-                    ray.cancel(ref, force=False)
+                    pool.cancel(ref)
                 else:
                     pool.replace(actor)
 
@@ -489,11 +498,13 @@ class RenderJob:
         spec, pool = self.spec, self.pool
         wall = time.time() - t_job
         rows = manifest_rows(all_metas, segments_kept=spec.keep_segments)
-        summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall, workers=pool.size,
+        summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall,
+                            workers=pool.workers_used(all_metas),
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
                             plan_overhead=plan.overhead, stitch=stitch, job_started=t_job,
                             extra={"job_id": job_id, "latent_frames": plan.latent_frames,
                                    "context": plan.context, "context_mode": spec.context_mode,
+                                   "farm": pool.farm,
                                    "context_compute_overhead": plan.compute_overhead,
                                    "decoder": spec.decoder.model_dump(),
                                    "format": spec.format,

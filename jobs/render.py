@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +38,9 @@ class RunOptions(BaseModel):
     address: str | None = Field(None, description="Ray cluster to join (host:port, ray://..., or 'auto'); "
                                                   "default: RAY_ADDRESS, else a Ray already running on this "
                                                   "machine, else a new embedded one")
+    farm: Literal["auto", "on", "off"] = Field(
+        "auto", description="send shards to the cluster's warm farm (python -m jobs.farm): auto uses it when it "
+                            "runs, on also starts it (sized by --device/--workers), off starts this job's own workers")
     startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a first decode worker "
                                                             "(--device cuda on a cluster without GPUs waits "
                                                             "this long for the autoscaler)")
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cluster.api import connect
     from cluster.driver import RenderJob
+    from cluster.service import use_farm
 
     latents = demo_latents(run.demo_frames) if run.demo else None
     job = RenderJob(spec, latents, progress=True, startup_timeout_s=run.startup_timeout)
@@ -111,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         job.prepare()  # bad input fails here, before Ray is started or joined
+        t = time.time()
         started = connect(run.address)
+        job.record_phase("join Ray", t)
         try:
+            t = time.time()
+            job.use_farm = use_farm(run.farm, spec.device, spec.workers, embedded=started)
+            job.record_phase("look for the farm" + (" (start it)" if run.farm == "on" else ""), t)
             result = job.run()
         finally:
             if started:
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
               "nothing to do")
         return 0
     print(json.dumps({k: s[k] for k in ("frames", "video_seconds", "wall_seconds", "realtime_factor",
-                                        "gpu_utilization", "estimated_cost_usd", "shards")}, indent=2))
+                                        "gpu_utilization", "estimated_cost_usd", "shards", "farm",
+                                        "time_to_first_frame_s") if k in s}, indent=2))
     print(f"framefarm: wrote {where}/{s['video']} ({s['frames']} frames, "
           f"{s['video_seconds']:.1f} s at {spec.fps} fps) with manifest.parquet, summary.json, timeline.json")
     return 0

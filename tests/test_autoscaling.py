@@ -299,3 +299,24 @@ def test_render_job_with_two_workers_scales_gpu_nodes_from_zero_to_two_and_back(
     shard_nodes = pq.read_table(os.path.join(out, "manifest.parquet")).column("node_id").to_pylist()
     assert len(shard_nodes) == 2
     assert set(shard_nodes) <= set(sampler.seen), (shard_nodes, sampler.seen)
+
+
+@pytest.mark.autoscaler
+def test_warm_farm_scales_gpu_nodes_from_zero_around_jobs_and_back(fake_cluster):
+    """The farm (no replica at rest) deployed on a cluster with no GPU node; two jobs sent to
+    it bring GPU nodes up for its replicas; idle replicas (1 s) and then nodes (6 s) go."""
+    outs = [os.path.join(fake_cluster.tmp, f"farm-out-{i}") for i in range(2)]
+    render = [sys.executable, "-m", "jobs.render", "--demo", "--demo-frames", "9", "--device", "cuda",
+              "--farm", "auto", "--shard-frames", "4"]
+    script = " && ".join([
+        f"{sys.executable} -m jobs.farm up --device cuda --capacity 2 --idle-s 1",
+        *(" ".join(render[:4] + [out] + render[4:]) for out in outs)])
+    result, sampler = scale_up_and_down(fake_cluster, ["sh", "-c", script], timeout=420)
+    assert sampler.most >= 1
+    import pyarrow.parquet as pq
+
+    for out in outs:
+        summary = json.loads(Path(out, "summary.json").read_text())
+        assert summary["farm"] and summary["frames"] == 1 + 4 * (9 - 1)
+        shard_nodes = pq.read_table(os.path.join(out, "manifest.parquet")).column("node_id").to_pylist()
+        assert set(shard_nodes) <= set(sampler.seen), (shard_nodes, sampler.seen)

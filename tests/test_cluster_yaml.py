@@ -124,9 +124,9 @@ def test_ami_is_a_current_deep_learning_base_ami_never_rays_default(config):
 
 def test_ray_pin_in_setup_matches_pyproject(config):
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if d.replace(" ", "").startswith("ray[default]==")]
+    (pin,) = [d for d in deps if d.replace(" ", "").startswith("ray[default,serve]==")]
     version = pin.split("==")[1].strip()
-    pins = re.findall(r"ray\[default\]==([0-9][^\s\"']*)", " ".join(all_commands(config)))
+    pins = re.findall(r"ray\[default,serve\]==([0-9][^\s\"']*)", " ".join(all_commands(config)))
     assert pins == [version]
     assert any(f"ray.__version__ == '{version}'" in c for c in config["setup_commands"])
     # framefarm itself: the wheel built from this checkout, mounted on every node.

@@ -1,0 +1,157 @@
+"""The warm farm's node side: a Ray Serve application of decode replicas and a share ledger.
+
+One application, `framefarm`, outlives every job and is shared by every driver:
+  - `FarmWorker`: one replica per GPU (or per CPU slot on a GPU-less cluster), running a
+    `ShardWorker`, at most one shard in flight (max_ongoing_requests=1), autoscaled by Serve
+    between a minimum (0 by default) and the farm's capacity, restarted by Serve if it dies.
+    Decoders are cached per `DecoderSpec` inside the worker, so a model loads once per replica.
+  - `FarmLedger`: one CPU-less replica that knows which jobs are running now and tells each
+    its fair share of the replicas (`fair_share`), so a long job cannot starve a later short one.
+
+Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s, the policy is the
+plain function `fair_share`.
+"""
+
+from __future__ import annotations
+
+import time
+
+# A replica imports this module to build its deployment: the heavy imports below (torch,
+# diffusers, PyAV) are the "imports" phase of a replica's start-up. Set once at import.
+_IMPORTS_STARTED = time.time()
+
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.util import metrics  # noqa: E402
+
+from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
+from actors.startup import StartupClock, process_started_at  # noqa: E402
+from actors.worker import ShardWorker  # noqa: E402
+
+_IMPORTS_ENDED = time.time()
+
+APP = "framefarm"
+WORKER = "FarmWorker"
+LEDGER = "FarmLedger"
+
+
+def fair_share(capacity: int, running_jobs: int) -> int:
+    """Shards one job may have in flight: an equal part of the farm's replicas, at least one.
+
+    Every running job gets at least one slot, so a job that arrives while another holds every
+    replica gets the next one to free up; the long job's share shrinks as soon as the short
+    one registers, and grows back when it leaves. Rounding up keeps every replica busy when
+    the capacity does not divide evenly (a request beyond a job's replica waits in its queue).
+    """
+    return max(1, math.ceil(capacity / max(1, running_jobs)))
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """What `python -m jobs.farm up` deploys."""
+
+    capacity: int  # most replicas: the cluster's GPUs (or what the autoscaler may add)
+    use_gpu: bool = True
+    min_replicas: int = 0
+    idle_s: float = 300.0  # an idle replica is let go after this long (its node then too)
+    cpus_per_replica: float = 1.0
+    scratch_dir: str | None = None
+
+
+class FarmWorker:
+    """One decode replica: a ShardWorker (its start-up phases included, as a DecodeWorker's),
+    metrics tagged by job and by replica."""
+
+    def __init__(self, device: str, scratch_dir: str | None = None):
+        clock = StartupClock()
+        spawned = process_started_at()
+        if spawned is not None and spawned < _IMPORTS_STARTED:
+            clock.add("process", spawned, _IMPORTS_STARTED, "Serve replica process up")
+        clock.add("imports", _IMPORTS_STARTED, _IMPORTS_ENDED)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
+        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock, node_id=self.node_id,
+                                  gpu_ids=self.gpu_ids)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        tags = ("job", "replica")
+        self.frames = metrics.Counter("framefarm_farm_frames", "Frames decoded and committed by the farm",
+                                      tag_keys=tags)
+        self.shard_seconds = metrics.Histogram("framefarm_farm_shard_seconds", "Wall seconds per shard",
+                                               boundaries=[1, 5, 15, 30, 60, 120, 300, 600], tag_keys=tags)
+        self.busy = metrics.Gauge("framefarm_farm_gpu_busy_fraction",
+                                  "GPU busy fraction during the last shard's pipeline", tag_keys=tags)
+
+    def describe(self) -> WorkerInfo:
+        return self.worker.info
+
+    def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
+                    compile_cache: str | None = None) -> dict:
+        return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
+
+    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
+        t = time.perf_counter()
+        record = self.worker.render_shard(task, latents)
+        tags = {"job": task.job_id, "replica": self.replica}
+        self.frames.inc(record.frames, tags=tags)
+        self.shard_seconds.observe(time.perf_counter() - t, tags=tags)
+        self.busy.set(record.report.gpu_utilization, tags=tags)
+        return record
+
+
+class FarmLedger:
+    """Which jobs run now, so that each takes only its fair share of the replicas.
+
+    A job renews its lease whenever it asks for its share; a driver that died without
+    leaving stops counting after `lease_s`.
+    """
+
+    def __init__(self, capacity: int, use_gpu: bool, workers=None, lease_s: float = 30.0):
+        self.capacity = capacity
+        self.use_gpu = use_gpu
+        self.workers = workers  # the FarmWorker deployment's handle: keeps it in this application
+        self.lease_s = lease_s
+        self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
+        self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
+
+    def share(self, job: str) -> dict:
+        now = time.monotonic()
+        self.jobs[job] = now
+        for key, seen in list(self.jobs.items()):
+            if now - seen > self.lease_s:
+                del self.jobs[key]
+        self.running.set(len(self.jobs))
+        return {"share": fair_share(self.capacity, len(self.jobs)), "jobs": len(self.jobs),
+                "capacity": self.capacity, "use_gpu": self.use_gpu}
+
+    def leave(self, job: str) -> None:
+        self.jobs.pop(job, None)
+        self.running.set(len(self.jobs))
+
+    def jobs_running(self) -> dict:
+        return {"jobs": sorted(self.jobs), "capacity": self.capacity, "use_gpu": self.use_gpu}
+
+
+def farm_application(config: FarmConfig) -> serve.Application:
+    """The Serve application `python -m jobs.farm up` deploys: replicas and their ledger."""
+    resources = {"num_gpus": 1, "num_cpus": config.cpus_per_replica} if config.use_gpu else {"num_cpus": config.cpus_per_replica}
+    worker = serve.deployment(
+        FarmWorker, name=WORKER, max_ongoing_requests=1, ray_actor_options=resources,
+        # One shard in flight per replica and the target is that one: Serve keeps as many
+        # replicas as there are shards in flight or queued, up to the capacity.
+        autoscaling_config={
+            "min_replicas": config.min_replicas, "initial_replicas": config.min_replicas,
+            "max_replicas": config.capacity, "target_ongoing_requests": 1,
+            "upscale_delay_s": 0, "downscale_delay_s": config.idle_s,
+            "downscale_to_zero_delay_s": config.idle_s,
+            "metrics_interval_s": 0.5, "look_back_period_s": 2},
+        # A shard runs for many seconds on a thread of the replica; health checks run apart.
+        health_check_period_s=5, health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=600)
+    ledger = serve.deployment(FarmLedger, name=LEDGER, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # The ledger is the application's ingress; binding the workers into it makes them part
+    # of the one application (deployed, and shut down, together).
+    return ledger.bind(config.capacity, config.use_gpu, workers=worker.bind("cuda" if config.use_gpu else "cpu", config.scratch_dir))

@@ -1,0 +1,211 @@
+"""The warm farm from a driver: deploy it, find it, see it, stop it, send a job's shards to it.
+
+The farm is the Serve application `framefarm` (actors/service.py). It lives on the cluster,
+not in a driver: Serve's controller is a detached actor, so the replicas and their loaded
+models outlive the job (and the driver) that started them, and every later driver, from
+`ray job submit`, a shell or a notebook, finds them by the application's name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+import uuid
+
+import ray
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
+from actors.service import APP, WORKER, FarmConfig, farm_application
+from cluster.dispatch import resolve_workers
+
+log = logging.getLogger("framefarm")
+
+_SHARE_REFRESH_S = 1.0
+
+
+def farm_running() -> bool:
+    """Whether the farm's application is deployed on the connected cluster.
+
+    One call to Serve's controller: `serve.status()` would also build Serve's whole status
+    model, which took 1-2 s of a warm job's start on a loaded 2-core machine."""
+    try:
+        serve.get_app_handle(APP)
+    except RayServeException:
+        return False
+    return True
+
+
+def deploy(config: FarmConfig) -> None:
+    """Start (or update) the farm. Serve's HTTP proxy stays off: drivers use handles, and a
+    proxy would take a port (8000) that another Ray on the host may hold."""
+    t = time.monotonic()
+    serve.start(proxy_location="Disabled")
+    serve.run(farm_application(config), name=APP, route_prefix=None)
+    log.info("farm up in %.1f s: %d-%d %s replicas, idle ones let go after %.0f s", time.monotonic() - t,
+             config.min_replicas, config.capacity, "GPU" if config.use_gpu else "CPU", config.idle_s)
+
+
+def undeploy() -> bool:
+    """Stop the farm (its replicas and ledger); other Serve applications stay. False if none ran."""
+    if APP not in serve.status().applications:
+        return False
+    serve.delete(APP)
+    return True
+
+
+def farm_status() -> dict:
+    """The farm's state for `python -m jobs.farm status`: replicas by state, running jobs."""
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return {"running": False}
+    out = {"running": True, "status": str(app.status), "message": app.message,
+           "deployments": {name: {"status": str(d.status), "replicas": dict(d.replica_states)}
+                           for name, d in app.deployments.items()}}
+    if app.status == "RUNNING":
+        out.update(serve.get_app_handle(APP).jobs_running.remote().result(timeout_s=30))
+    return out
+
+
+class _Slot:
+    """One of a job's places on the farm: room for one shard in flight."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self):
+        return f"farm slot {self.index}"
+
+
+class ServicePool:
+    """A job's view of the farm, with the interface of `cluster.dispatch.WorkerPool`.
+
+    Its "workers" are slots, as many as the job's fair share of the farm's replicas (the
+    ledger's answer, renewed every second): the driver sends a shard per free slot, Serve
+    routes it to a free replica (starting one, from zero, if need be). A replica lost
+    mid-shard fails that shard's call with RayActorError, and the driver retries the shard;
+    Serve restarts the replica by itself, so `replace` has nothing to do.
+
+    Calls are Serve responses awaited by courier threads, so that the driver waits on
+    ordinary futures (`wait`, `get`, `cancel`) as it waits on object refs with actors.
+    """
+
+    farm = True
+
+    def __init__(self, job: str | None = None):
+        self.job = job or uuid.uuid4().hex
+        self._ledger = serve.get_app_handle(APP)
+        self._workers = serve.get_deployment_handle(WORKER, app_name=APP)
+        answer = self._ledger.share.remote(self.job).result(timeout_s=60)
+        self.size = answer["capacity"]
+        self._share, self._asked = answer["share"], time.monotonic()
+        self.use_gpu = answer["use_gpu"]
+        self._slots = [_Slot(i) for i in range(self.size)]
+        self._couriers = concurrent.futures.ThreadPoolExecutor(self.size + 2, thread_name_prefix="framefarm-farm")
+        self._calls: dict = {}  # future -> Serve response, for cancel
+        self._busy: set = set()  # slots with a call in flight
+        self.info: dict = {}
+
+    @property
+    def share(self) -> int:
+        if time.monotonic() - self._asked > _SHARE_REFRESH_S:
+            answer = self._ledger.share.remote(self.job).result(timeout_s=60)
+            if answer["share"] != self._share:
+                log.info("farm: %d jobs running, this one's share is %d of %d replicas",
+                         answer["jobs"], answer["share"], answer["capacity"])
+            self._share, self._asked = answer["share"], time.monotonic()
+        return self._share
+
+    @property
+    def actors(self) -> list:
+        """Busy slots, then as many free ones as the share leaves room for."""
+        room = max(0, self.share - len(self._busy))
+        return [s for s in self._slots if s in self._busy] + [s for s in self._slots if s not in self._busy][:room]
+
+    @property
+    def starting(self) -> int:
+        return 0
+
+    def poll_ready(self, timeout: float = 0.0) -> list:
+        return []
+
+    def wait_ready(self, timeout_s: float, cancelled=None) -> None:
+        """Nothing to wait for: Serve holds a call until a replica can take it."""
+
+    def _call(self, slot: _Slot, method: str, *args) -> concurrent.futures.Future:
+        response = getattr(self._workers, method).remote(*args)
+        future = self._couriers.submit(response.result)
+        self._calls[future] = response
+        self._busy.add(slot)
+        future.add_done_callback(lambda f: (self._busy.discard(slot), self._calls.pop(f, None)))
+        return future
+
+    def render_shard(self, slot: _Slot, task, latents_ref) -> concurrent.futures.Future:
+        return self._call(slot, "render_shard", task, latents_ref)
+
+    def check_input(self, slot: _Slot, spec, latent_height: int, latent_width: int, encoder,
+                    compile_cache=None) -> concurrent.futures.Future:
+        return self._call(slot, "check_input", spec, latent_height, latent_width, encoder, compile_cache)
+
+    @staticmethod
+    def wait(refs: list, timeout: float) -> list:
+        done, _ = concurrent.futures.wait(refs, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return list(done)
+
+    @staticmethod
+    def get(ref, timeout: float | None = None):
+        return ref.result(timeout=timeout)
+
+    def cancel(self, ref) -> None:
+        """Abandon a call. A shard already running on a replica runs to its end there (its
+        segment is left for a resume); the replica then takes other jobs' shards."""
+        response = self._calls.get(ref)
+        if response is not None:
+            response.cancel()
+
+    def forget(self, slot) -> None:
+        pass
+
+    def replace(self, slot) -> None:
+        """A lost replica is Serve's to restart; the slot is free again for the retry."""
+
+    def workers_used(self, metas: list[dict]) -> int:
+        """Replicas this job's shards ran on: the GPUs its job time is billed on."""
+        return max(1, len({(m.worker.hostname, m.worker.pid) for m in metas if not m.reused}))
+
+    def shutdown(self, wait_s: float = 0.0) -> None:
+        """Leave the farm; its replicas stay (a shard still running ends on its replica)."""
+        for response in list(self._calls.values()):
+            response.cancel()
+        self._couriers.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._ledger.leave.remote(self.job).result(timeout_s=30)
+        except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("farm: could not leave the ledger (%s); this job's share lapses in 30 s", exc)
+
+
+def use_farm(mode: str, device: str, workers: int | None, embedded: bool) -> bool:
+    """Whether a job's shards go to the farm (`--farm` / `service=`): "auto" when it runs, "on"
+    also starts it (sized like the job's own workers would be), "off" never."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"farm mode must be auto, on or off, not {mode!r}")
+    if mode == "off":
+        return False
+    if farm_running():
+        log.info("sending shards to the warm farm")
+        return True
+    if mode == "auto":
+        if not embedded:
+            log.info("no warm farm on this cluster: this job starts its own workers "
+                     "(`python -m jobs.farm up` starts one that later jobs share)")
+        return False
+    if embedded:
+        log.warning("farm on with an embedded Ray: the farm ends with this process; start a head once "
+                    "(`ray start --head`) for one that outlives jobs")
+    use_gpu, capacity = resolve_workers(device, workers)
+    deploy(FarmConfig(capacity=capacity, use_gpu=use_gpu))
+    return True
+
