@@ -45,40 +45,66 @@ def resolve_workers(device: str, workers: int | None) -> tuple[bool, int]:
 
 
 class WorkerPool:
-    """Decode actors of one kind, created once and reused by every job given this pool."""
+    """Decode actors of one kind, created once and reused by every job given this pool.
+
+    Safe for jobs running at once in several threads (a Farm's): one lock over its state,
+    each actor lent to one job at a time (`claim`, `release`), so that a job that is cancelled
+    or fails kills only actors running its own shards; a lost actor is replaced once, however
+    many jobs report it.
+    """
 
     def __init__(self, workers: int, use_gpu: bool, scratch_dir: str | None = None):
         self.use_gpu = use_gpu
         self.size = workers
         self.scratch_dir = scratch_dir
         self._cls = decode_worker_class(use_gpu)
+        self._lock = threading.RLock()
         self.actors: list = []
         self.info: dict = {}  # actor -> describe()
         self._pending: dict = {}  # describe ref -> actor still starting
+        self._claimed: set = set()  # actors lent to a job
         self.spawn(workers)
 
     def spawn(self, n: int):
         device = "cuda" if self.use_gpu else "cpu"
-        for _ in range(n):
-            actor = self._cls.remote(device, self.scratch_dir)
-            self._pending[actor.describe.remote()] = actor
+        with self._lock:
+            for _ in range(n):
+                actor = self._cls.remote(device, self.scratch_dir)
+                self._pending[actor.describe.remote()] = actor
 
     def poll_ready(self, timeout: float = 0.0) -> list:
         """Actors that finished starting since the last call; dead starters are dropped."""
-        if not self._pending:
+        with self._lock:
+            waiting = list(self._pending)
+        if not waiting:
             return []
-        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout)
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
         started = []
-        for ref in ready:
-            actor = self._pending.pop(ref)
-            try:
-                self.info[actor] = ray.get(ref)
-            except RayActorError as exc:
-                log.warning("a decode worker failed to start: %s", exc)
-                continue
-            self.actors.append(actor)
-            started.append(actor)
+        with self._lock:
+            for ref in ready:
+                actor = self._pending.pop(ref, None)
+                if actor is None:
+                    continue  # another job's thread took it in
+                try:
+                    self.info[actor] = ray.get(ref)
+                except RayActorError as exc:
+                    log.warning("a decode worker failed to start: %s", exc)
+                    continue
+                self.actors.append(actor)
+                started.append(actor)
         return started
+
+    def claim(self, n: int) -> list:
+        """Up to `n` started actors that no job holds, now held by the caller."""
+        with self._lock:
+            idle = [a for a in self.actors if a not in self._claimed][:max(n, 0)]
+            self._claimed.update(idle)
+            return idle
+
+    def release(self, actor) -> None:
+        """Give an actor back once its shard is done (it stays in the pool)."""
+        with self._lock:
+            self._claimed.discard(actor)
 
     def wait_ready(self, timeout_s: float, cancelled: threading.Event | None = None) -> None:
         """Block until at least one worker is up, or explain what is missing."""
@@ -106,9 +132,11 @@ class WorkerPool:
         """Drop an actor from the pool, and make sure it is gone: Ray also reports an actor
         that is merely unreachable for a while (ActorUnavailableError) as lost, and such a
         one must not keep its GPU, or write a segment its shard's retry is writing too."""
-        if actor in self.actors:
-            self.actors.remove(actor)
-        self.info.pop(actor, None)
+        with self._lock:
+            if actor in self.actors:
+                self.actors.remove(actor)
+            self.info.pop(actor, None)
+            self._claimed.discard(actor)
         ray.kill(actor, no_restart=True)
 
     # The calls the driver makes, through the pool so that another kind of pool (the warm
@@ -141,22 +169,30 @@ class WorkerPool:
         return self.size
 
     def replace(self, actor):
-        """Kill `actor` (lost, or busy with work nobody wants any more) and start another."""
-        self.forget(actor)
-        self.spawn(1)
+        """Kill `actor` (lost, or busy with work nobody wants any more) and start another,
+        once: a second report of the same lost actor (another job's) starts nothing."""
+        with self._lock:
+            known = actor in self.actors or actor in self._pending.values()
+            self.forget(actor)
+            for ref in [r for r, a in self._pending.items() if a is actor]:
+                del self._pending[ref]
+            if known:
+                self.spawn(1)
 
     def shutdown(self, wait_s: float = 0.0):
         """Kill every worker; with `wait_s`, also wait (that long at most) until they are dead,
         so that nothing they were writing is still being written when this returns."""
         # A kill runs no cleanup in the worker: its scratch folder goes first, by asking.
-        closing = [actor.close.remote() for actor in self.actors]
+        with self._lock:
+            actors = self.actors + list(self._pending.values())
+            closing = [actor.close.remote() for actor in self.actors]
+            self.actors.clear()
+            self._pending.clear()
+            self._claimed.clear()
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=10)
-        actors = self.actors + list(self._pending.values())
         for actor in actors:
             ray.kill(actor)
-        self.actors.clear()
-        self._pending.clear()
         if wait_s > 0 and actors:
             # A call to a killed actor fails once Ray has seen its process end.
             probes = [actor.describe.remote() for actor in actors]

@@ -347,7 +347,10 @@ class RenderJob:
         spec, pool = self.spec, self.pool
         for attempt in range(1, spec.max_attempts + 1):
             pool.wait_ready(self.startup_timeout_s, self.cancelled)
-            actor = pool.actors[0]
+            # An idle worker if there is one: in a Farm's pool, another job's busy worker would
+            # answer only after its shard.
+            claimed = pool.claim(1)
+            actor = claimed[0] if claimed else pool.actors[0]
             try:
                 return pool.get(pool.check_input(actor, spec.decoder, latents.shape[2], latents.shape[3],
                                                  spec.encoder if spec.format == "mp4" else None,
@@ -359,6 +362,9 @@ class RenderJob:
                 pool.replace(actor)
                 if attempt == spec.max_attempts:
                     raise
+            finally:
+                if claimed:
+                    pool.release(actor)
         raise AssertionError("unreachable")
 
     def _heal_stitching(self, exc: BaseException, link: StitcherLink, plan, metas, todo) -> None:
@@ -426,9 +432,7 @@ class RenderJob:
                     self._heal_stitching(exc, link, plan, metas, todo)
                 pool.poll_ready()
                 pending.set(len(todo) + len(inflight), tags={"job": job_id})
-                for actor in [a for a in pool.actors if a not in busy]:
-                    if not todo:
-                        break
+                for actor in pool.claim(len(todo)):  # idle actors, this job's until released
                     shard, attempt = todo.popleft()
                     if shard.index not in slices:
                         slices[shard.index] = ray.put(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
@@ -449,6 +453,7 @@ class RenderJob:
                     try:
                         meta = pool.get(ref)
                     except RayTaskError as exc:
+                        pool.release(actor)  # the worker is fine: free for the next shard
                         # The worker is fine but its shard failed. Worth another try only if
                         # the cause may pass (I/O, the network, object storage); bad input or
                         # a bug fails the same way every time.
@@ -468,6 +473,7 @@ class RenderJob:
                         self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
                         todo.appendleft((shard, attempt + 1))
                         continue
+                    pool.release(actor)
                     metas[shard.index] = meta
                     self.segments_committed += 1
                     slices.pop(shard.index, None)  # committed: its latents can leave the object store

@@ -199,3 +199,58 @@ def test_a_killed_stitcher_is_replaced_at_once_and_the_video_is_exact(tmp_path):
     assert _indices(out, "video.mkv") == list(range(pixel_frames(61)))
     assert _leftovers(out) == []
     assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"framefarm-stitch-{pids[0]}-")]
+
+
+def test_a_farm_shared_by_concurrent_jobs(tmp_path):
+    """Jobs from several threads on one Farm all finish exact; a worker lost between jobs is
+    replaced once, not once per job; cancelling one job ends none of another's shards."""
+    from cluster.api import Farm
+    from cluster.dispatch import JobCancelled
+
+    with Farm(workers=2, device="cpu") as farm:
+        farm.pool.wait_ready(300)
+        # A worker dies between jobs: every job below meets it, one replacement is started.
+        dead = farm.pool.actors[0]
+        os.kill(farm.pool.info[dead].pid, signal.SIGKILL)
+        errors, results = [], {}
+
+        def run(i):
+            try:
+                results[i] = farm.render(pattern_latents(3 + i, 96, 128), str(tmp_path / f"job{i}"),
+                                         shard_frames=2, **PATTERN)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert errors == [] and len(results) == 5
+        for i in range(5):
+            assert _indices(str(tmp_path / f"job{i}"), "video.mp4") == list(range(pixel_frames(3 + i)))
+        assert len(farm.pool.actors) + farm.pool.starting == 2
+
+        # One long job and one short, side by side; the long one is cancelled.
+        long_running, short_dispatched = threading.Event(), threading.Event()
+        long_job = submit(pattern_latents(2000, 96, 128), str(tmp_path / "long"), farm=farm, format="ffv1",
+                          shard_frames=2000, decoder={"name": "test-pattern"},
+                          on_event=lambda kind, info: long_running.set() if kind == "dispatch" else None)
+        assert long_running.wait(timeout=300)
+        short_events = []
+
+        def on_short(kind, info):
+            short_events.append(kind)
+            if kind == "dispatch":
+                short_dispatched.set()
+
+        short_job = submit(pattern_latents(9, 96, 128), str(tmp_path / "short"), farm=farm, format="ffv1",
+                           shard_frames=3, decoder={"name": "test-pattern"}, on_event=on_short)
+        assert short_dispatched.wait(timeout=300)
+        assert long_job.cancel(timeout=120)
+        with pytest.raises(JobCancelled):
+            long_job.wait(timeout=1)
+        short = short_job.wait(timeout=300)
+        assert "retry" not in short_events and short.summary["retried_shards"] == 0
+        assert _indices(str(tmp_path / "short"), "video.mkv") == list(range(pixel_frames(9)))
+        assert len(farm.pool.actors) + farm.pool.starting == 2
