@@ -110,7 +110,7 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
     removed = []
 
     def remove_node_of_dispatch(kind, info):
-        if kind == "dispatch" and not removed and info["info"]["node_id"] == victim.node_id:
+        if kind == "dispatch" and not removed and info["info"].node_id == victim.node_id:
             cluster.remove_node(victim, allow_graceful=False)
             removed.append(info["shard"].index)
 
