@@ -106,7 +106,7 @@ def test_job_timeline_shows_each_workers_startup_before_its_first_shard(local_ra
         assert phases["imports"]["ts"] + phases["imports"]["dur"] <= phases["device"]["ts"] + 1e3
         assert all(p["ts"] + p["dur"] <= first_shard + 1e3 for p in phases.values())
     driver = {e["name"] for e in spans if e["pid"] == -1}
-    assert driver == {"read + validate input", "first worker ready"}
+    assert {"read + validate input", "first worker ready"} <= driver
 
 
 @pytest.mark.parametrize("name", ["bench_product", "bench_coldstart"])
