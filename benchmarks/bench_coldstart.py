@@ -96,7 +96,8 @@ def one_run(cls, label: str, device: str, spec: DecoderSpec, latent_h: int, late
     row = {
         "run": label, "compile": startup["compile"], "compile_error": startup["compile_error"],
         "compile_cache": startup["compile_cache"],
-        "cache_object_bytes": sum(os.path.getsize(f) for f in saved if os.path.isfile(f)), "pid": described.pid, "device_name": described.device_name,
+        "cache_object_bytes": sum(os.path.getsize(f) for f in saved if os.path.isfile(f)),
+        "pid": described.pid, "device_name": described.device_name,
         "to_first_step_start_s": step["start"] - created if step else None,
         "to_first_step_end_s": step["end"] - created if step else None,
         "to_ready_s": max(p["end"] for p in phases) - created,
