@@ -151,7 +151,9 @@ def farm_application(config: FarmConfig) -> serve.Application:
         # A shard runs for many seconds on a thread of the replica; health checks run apart.
         health_check_period_s=5, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=600)
-    ledger = serve.deployment(FarmLedger, name=LEDGER, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # No access log: every job asks the ledger for its share each second.
+    ledger = serve.deployment(FarmLedger, name=LEDGER, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                              logging_config={"enable_access_log": False})
     # The ledger is the application's ingress; binding the workers into it makes them part
     # of the one application (deployed, and shut down, together).
     return ledger.bind(config.capacity, config.use_gpu, workers=worker.bind("cuda" if config.use_gpu else "cpu", config.scratch_dir))

@@ -219,6 +219,7 @@ class StitcherLink:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
         self._args = (output_uri, fmt, fps, shard_count, video_prefix)
         self.actor = start_stitcher(*self._args)
+        self._describe = self.actor.describe.remote()  # answered once its process is up
         self._refs: list = []
 
     def add(self, segment) -> None:
@@ -234,7 +235,11 @@ class StitcherLink:
             ray.get(ref)
 
     def pid(self) -> int:
-        return ray.get(self.actor.describe.remote())["pid"]
+        return ray.get(self._describe)["pid"]
+
+    def started(self) -> bool:
+        """Whether the stitcher's process is up (without waiting for it)."""
+        return bool(ray.wait([self._describe], timeout=0)[0])
 
     def finish(self) -> dict:
         ray.get(self._refs)
@@ -248,6 +253,7 @@ class StitcherLink:
             pass
         ray.kill(self.actor)
         self.actor = start_stitcher(*self._args)
+        self._describe = self.actor.describe.remote()
         self._refs = []
         for segment in segments:
             self.add(segment)

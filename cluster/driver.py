@@ -315,7 +315,10 @@ class RenderJob:
             log.info("job %s: removed %d leftovers of interrupted runs from %s", job_id, len(removed), spec.output)
         # The video is written into this render's own folder; OUTPUT shows it once published.
         link = StitcherLink(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
-        self.on_event("stitcher", {"pid": link.pid()})
+        # Announced (with its pid) once it is up, not here: waiting for the stitcher's process
+        # would put its start-up before the first dispatch (11 s of a warm-farm job's 12 s to
+        # its first frame on a loaded 2-core host). It is up before any "done" is announced.
+        self._stitcher_announced = False
         self._heals = {"stitcher": 0}
         ok = False
         try:
@@ -403,7 +406,18 @@ class RenderJob:
         else:
             raise exc
         link.restart([metas[i].segment for i in sorted(metas)])
-        self.on_event("stitcher", {"pid": link.pid()})
+        self._stitcher_announced = False
+        self._announce_stitcher(link, wait=True)
+
+    def _announce_stitcher(self, link: StitcherLink, wait: bool) -> None:
+        """The "stitcher" event, once per stitcher: when it is up, or (`wait`) now."""
+        if not self._stitcher_announced and (wait or link.started()):
+            try:
+                pid = link.pid()
+            except RayActorError:
+                return  # it died starting: the link's next check heals it, and announces the next
+            self._stitcher_announced = True
+            self.on_event("stitcher", {"pid": pid})
 
     def _render_shards(self, plan, latents, job_id, todo, metas, link, encoder):
         """Dispatch with ray.wait until every shard is committed; retry shards of lost workers."""
@@ -424,6 +438,7 @@ class RenderJob:
         slices: dict[int, ray.ObjectRef] = {}  # kept for retries: latents go to Ray once a shard
         try:
             while todo or inflight:
+                self._announce_stitcher(link, wait=False)
                 if self.cancelled.is_set():
                     raise JobCancelled(f"job {job_id} cancelled")
                 try:
@@ -485,6 +500,7 @@ class RenderJob:
                              shard.index + 1, len(plan.shards), w.hostname, w.device_name, meta.frames,
                              meta.ended - meta.started, busy_label(w.device), 100 * r.gpu_utilization,
                              stage_label(r.bottleneck, w.device))
+                    self._announce_stitcher(link, wait=True)
                     self.on_event("done", meta)
         finally:
             redirect.close()
