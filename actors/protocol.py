@@ -22,7 +22,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.startup import StartupReport
 
@@ -170,17 +170,24 @@ class RenderSpec(BaseModel):
     # Required: a default would let a notebook render a test pattern from real latents
     # without a word (the test-pattern decoder also takes 16 channels).
     decoder: DecoderSpec = Field(..., description="which decoder the workers build")
-    overlap: Literal["exact"] | int = Field(
-        "exact", description="left context per shard: 'exact' (the decoder's receptive field) or N latent "
-                             "frames (faster, approximate: frames near shard starts differ)")
+    # Names: a shard's `context` is the latents it decodes before its own; the decoder's
+    # `receptive_field` is how many it needs for exact frames ("exact" picks that many).
+    context: Literal["exact"] | int = Field(
+        "exact", validation_alias=AliasChoices("context", "overlap"), json_schema_extra={"cli_aliases": ["--overlap"]},
+        description="latent frames each shard decodes before its own (left context): 'exact' (the decoder's "
+                    "receptive field) or N (faster, approximate: frames near shard starts differ); "
+                    "--overlap is the deprecated name")
     # "pruned" runs each context latent only through the stages that still need it (same
     # frames, a fraction of the work); "full" decodes them whole (Wan only).
     context_mode: Literal["pruned", "full"] = Field(
         "pruned", description="decode context latents only through the decoder stages that need them "
                               "(same frames, less work), or in full")
     workers: int | None = Field(None, ge=1, description="decode actors; default: one per GPU (2 without GPUs)")
-    shard_frames: int | None = Field(None, ge=1, description="kept latent frames per shard; default: one "
-                                                             "balanced shard per worker")
+    shard_latents: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("shard_latents", "shard_frames"),
+        json_schema_extra={"cli_aliases": ["--shard-frames"]},
+        description="latent frames each shard keeps (4 video frames each); default: one balanced shard per "
+                    "worker; --shard-frames is the deprecated name")
     format: Format = Field("mp4", description="H.264 MP4, lossless FFV1 MKV (RGB exact), or PNG frames")
     fps: int | None = Field(None, ge=1, le=240, description="frame rate; default: the model's native rate "
                                                             "(16; 24 for wan2.2-ti2v)")
@@ -192,7 +199,7 @@ class RenderSpec(BaseModel):
     crf: int = Field(18, ge=0, le=51, description="H.264 quality (lower is better, larger)")
     preset: str = Field("veryfast", description="libx264 preset")
     encoder_threads: int = Field(0, ge=0, description="libx264 threads; 0 lets it choose by core count")
-    depth: int = Field(2, ge=1, le=16, description="pinned host buffers in the frame pipeline's ring")
+    ring_depth: int = Field(2, ge=1, le=16, description="pinned host buffers in the frame pipeline's ring")
     max_attempts: int = Field(3, ge=1, description="tries per shard before the job fails")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
     overwrite: bool = Field(False, description="replace the render of another job already in OUTPUT "
@@ -203,16 +210,16 @@ class RenderSpec(BaseModel):
         "s3://BUCKET/PREFIX/framefarm-cache/compile for outputs under s3://BUCKET/PREFIX/..., "
         "~/.cache/framefarm/compile for local ones; 'off': every worker compiles")
 
-    @field_validator("overlap", mode="before")
+    @field_validator("context", mode="before")
     @classmethod
-    def _overlap(cls, v):
+    def _context(cls, v):
         if isinstance(v, str) and v != "exact":
             try:
                 v = int(v)
             except ValueError:
-                raise ValueError("overlap must be 'exact' or a number of latent frames") from None
+                raise ValueError("context must be 'exact' or a number of latent frames") from None
         if isinstance(v, int) and v < 1:
-            raise ValueError("overlap must be >= 1 latent frame (a stream's first latent decodes "
+            raise ValueError("context must be >= 1 latent frame (a stream's first latent decodes "
                              "to one frame, not four)")
         return v
 
@@ -224,8 +231,8 @@ class RenderSpec(BaseModel):
 
     def fingerprint(self, latents_digest: str) -> str:
         """What makes two runs' segments interchangeable (for resuming a job)."""
-        keep = self.model_dump(include={"decoder", "overlap", "context_mode", "shard_frames", "format", "fps", "encoder",
-                                        "crf", "preset"})
+        keep = self.model_dump(include={"decoder", "context", "context_mode", "shard_latents", "format", "fps",
+                                        "encoder", "crf", "preset"})
         blob = json.dumps({"spec": keep, "latents": latents_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -252,7 +259,7 @@ class DecodeSpec:
 
     decoder: DecoderSpec
     context_mode: str  # "pruned" or "full"
-    depth: int  # pinned host buffers in the frame pipeline's ring
+    ring_depth: int  # pinned host buffers in the frame pipeline's ring
     compile_cache: str | None = None  # where compiled decoder code is kept (a store URI); None: nowhere
 
 
@@ -276,7 +283,7 @@ class ShardTask:
 def shard_task(spec: RenderSpec, job_id: str, shard: Shard, *, encoder: str | None = None,
                compile_cache: str | None = None, attempt: int = 1) -> ShardTask:
     """The one place a job's spec becomes a worker's task. `encoder`: what "auto" resolved to."""
-    decode = DecodeSpec(spec.decoder, spec.context_mode, spec.depth, compile_cache)
+    decode = DecodeSpec(spec.decoder, spec.context_mode, spec.ring_depth, compile_cache)
     encode = EncodeSpec(spec.format, spec.fps, encoder or spec.encoder, spec.crf, spec.preset, spec.encoder_threads)
     return ShardTask(job_id, shard, spec.output, segment_key(job_id, shard, spec.format), decode, encode, attempt)
 

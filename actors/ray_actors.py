@@ -17,7 +17,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
-from actors.assemble import SegmentAssembler  # noqa: E402
+from actors.stitcher import Stitcher  # noqa: E402
 from actors.protocol import LatentSlice, Segment, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.startup import StartupClock, process_started_at  # noqa: E402
 from actors.worker import ShardWorker  # noqa: E402
@@ -65,21 +65,21 @@ class _DecodeWorker:
         return record
 
 
-class _Stitcher:
+class _StitcherActor:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
-        self.assembler = SegmentAssembler(output_uri, fmt, fps, shard_count, video_prefix=video_prefix)
+        self.stitcher = Stitcher(output_uri, fmt, fps, shard_count, video_prefix=video_prefix)
 
     def describe(self) -> dict:
         return {"pid": os.getpid()}
 
     def add(self, segment: Segment) -> int:
-        return self.assembler.add(segment)
+        return self.stitcher.add(segment)
 
     def finish(self) -> dict:
-        return self.assembler.finish()
+        return self.stitcher.finish()
 
     def abort(self) -> None:
-        self.assembler.abort()
+        self.stitcher.abort()
 
 
 def decode_worker_class(use_gpu: bool, cpus: int = 1):
@@ -88,4 +88,4 @@ def decode_worker_class(use_gpu: bool, cpus: int = 1):
 
 
 # The stitcher only remuxes and moves bytes: it takes no CPU slot a decoder could use.
-Stitcher = ray.remote(num_cpus=0)(_Stitcher)
+StitcherActor = ray.remote(num_cpus=0)(_StitcherActor)

@@ -30,7 +30,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from actors.protocol import check_format
-from actors.stitch import concat_segments
+from actors.concat import concat_segments
 from infra.staged import Staged, tmp_sibling
 
 _MKV_ALIASES = ("ffv1", "mkv")
@@ -392,7 +392,7 @@ class _PartedMp4Sink:
     Each part is a whole mp4 of its own encoder (a closed H.264 stream, the same codec
     parameters as every other part) written beside the segment under a hidden name, by its
     own thread. close() waits for the parts and remuxes their packets into the segment
-    (actors/stitch.py: bytes untouched, timestamps shifted, frame counts and timestamps
+    (actors/concat.py: bytes untouched, timestamps shifted, frame counts and timestamps
     checked), which appears at `path` complete or not at all. Frames are copied on arrival,
     since the frame pipeline reuses its buffers, and wait in memory for their part's encoder:
     at most `max_buffered` of them, beyond which write() blocks (the pipeline then reports

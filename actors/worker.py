@@ -313,7 +313,7 @@ class ShardWorker:
                          crf=encode.crf, preset=encode.preset, threads=encode.threads,
                          frames=shard.frame_count)
         pipeline_started = time.time()
-        report, result = run_pipeline(chunks, sink, drop=drop, depth=decode.depth,
+        report, result = run_pipeline(chunks, sink, drop=drop, depth=decode.ring_depth,
                                       device=self.device, ring=self._ring)
         pipeline_ended = time.time()
         committed = False

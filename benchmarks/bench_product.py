@@ -95,7 +95,7 @@ def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dic
     for i in range(args.runs):
         task = ShardTask(job_id="bench-product", shard=Shard(0, 0, t, 0), output_uri=workdir,
                          segment_key=f"product-{i}.mp4",
-                         decode=DecodeSpec(spec, context_mode="pruned", depth=2,
+                         decode=DecodeSpec(spec, context_mode="pruned", ring_depth=2,
                                            compile_cache=cache),
                          encode=EncodeSpec(format="mp4", fps=16, encoder="libx264", crf=18, preset="veryfast",
                                            threads=0))

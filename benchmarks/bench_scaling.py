@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--size", default="1280x720")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--format", default="mp4")
-    p.add_argument("--overlap", default="exact")
+    p.add_argument("--context", default="exact", help="latent frames of left context per shard, or exact")
     p.add_argument("--context-mode", default="pruned", choices=["pruned", "full"])
     p.add_argument("--encoder-threads", type=int, default=0)
     return p.parse_args(argv)
@@ -57,14 +57,14 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(16, args.latent_frames, height // 8, width // 8, generator=g)
     decoder = {"name": "wan2.1", "random_weights": True, "dtype": args.dtype}
-    options = dict(decoder=decoder, format=args.format, overlap=args.overlap, context_mode=args.context_mode,
+    options = dict(decoder=decoder, format=args.format, context=args.context, context_mode=args.context_mode,
                    encoder_threads=args.encoder_threads, progress=False)
     root = tempfile.mkdtemp(prefix="ffscale-")
     rows = []
     for n in counts:
         with Farm(workers=n, device="cuda") as farm:
             # One single-latent shard per worker: every worker loads its model and tunes cuDNN.
-            farm.render(latents[:, :n], os.path.join(root, f"warm{n}"), shard_frames=1, **options)
+            farm.render(latents[:, :n], os.path.join(root, f"warm{n}"), shard_latents=1, **options)
             t = time.perf_counter()
             result = farm.render(latents, os.path.join(root, f"gpus{n}"), **options)
             wall = time.perf_counter() - t
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         r["speedup"] = base["wall_s"] / r["wall_s"]
     ray.shutdown()
     print(f"\n{card}, {args.size}, {args.latent_frames} latent frames ({rows[0]['frames']} frames), {args.dtype}, "
-          f"{args.format}, overlap {args.overlap}, context {args.context_mode}")
+          f"{args.format}, context {args.context} ({args.context_mode})")
     print(f"{'GPUs':>5}{'wall s':>9}{'decoded':>9}{'context':>9}{'ctx work':>9}{'lat/s':>8}{'vs linear':>11}"
           f"{'speed-up':>10}{'tail s':>8}{'GPU util':>10}{'ctx cost':>10}")
     for r in rows:

@@ -12,7 +12,7 @@ is committed, for:
 
   serial        what the stitcher did before: for each segment in turn, sha256, count its
                 frames, read its timestamps, copy its packets
-  assembler/N   SegmentAssembler: verification on arrival in N threads (hash and timestamp
+  stitcher/N   Stitcher: verification on arrival in N threads (hash and timestamp
                 pass side by side), one appender thread joining in order
 
 Prints a table and writes JSON. Results depend on the cores and the disk cache, so compare
@@ -29,10 +29,10 @@ import time
 
 import numpy as np
 
-from actors.assemble import SegmentAssembler
+from actors.stitcher import Stitcher
 from actors.protocol import Segment
 from actors.sinks import count_frames, open_sink
-from actors.stitch import StreamingConcat
+from actors.concat import StreamingConcat
 from benchmarks.common import machine, parser, write_json
 from infra.checksum import sha256_file
 
@@ -87,12 +87,12 @@ def serial(root: str, metas: list[dict]) -> float:
     return time.perf_counter() - t
 
 
-def assembled(root: str, metas: list[dict], threads: int) -> float:
+def stitched(root: str, metas: list[dict], threads: int) -> float:
     t = time.perf_counter()
-    assembler = SegmentAssembler(root, "mp4", 16, len(metas), verify_threads=threads)
+    stitcher = Stitcher(root, "mp4", 16, len(metas), verify_threads=threads)
     for m in metas:
-        assembler.add(Segment(**m))
-    assembler.finish()
+        stitcher.add(Segment(**m))
+    stitcher.finish()
     return time.perf_counter() - t
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         total_mb = sum(m["bytes"] for m in metas) / 1e6
         print(f"{args.segments} segments, {total_mb:.0f} MB, written in {time.perf_counter() - t:.1f} s", flush=True)
         variants = [("serial", lambda: serial(root, metas))]
-        variants += [(f"assembler/{n}", lambda n=n: assembled(root, metas, n)) for n in args.threads]
+        variants += [(f"stitcher/{n}", lambda n=n: stitched(root, metas, n)) for n in args.threads]
         rows = []
         for name, run in variants:
             run()  # warm: every segment in the page cache, as a just-written one is

@@ -14,7 +14,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.ray_actors import Stitcher, decode_worker_class
+from actors.ray_actors import StitcherActor, decode_worker_class
 
 log = logging.getLogger("framefarm")
 
@@ -206,7 +206,7 @@ def start_stitcher(output_uri: str, fmt: str, fps: int, shard_count: int, video_
     (seen with 2.60), where losing a worker node would take the stitcher with it.
     """
     here = ray.get_runtime_context().get_node_id()
-    return Stitcher.options(
+    return StitcherActor.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
     ).remote(output_uri, fmt, fps, shard_count, video_prefix)
 

@@ -33,7 +33,7 @@ from ray.util import metrics
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from actors.assemble import SegmentError
+from actors.stitcher import SegmentError
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.protocol import InputError, LatentSlice, RenderSpec, SegmentRecord, segment_key, shard_task, sidecar_key
 from actors.startup import StartupClock
@@ -111,10 +111,10 @@ def prepare(spec: RenderSpec, latents: torch.Tensor | None = None) -> PreparedJo
         latents = read_latents(spec.latents)
     latents = validate_latents(latents, geometry.z_dim, spec.latents or "latents",
                                dtype=torch.bfloat16 if spec.decoder.dtype == "bf16" else torch.float32)
-    context = geometry.receptive_field if spec.overlap == "exact" else spec.overlap
+    context = geometry.receptive_field if spec.context == "exact" else spec.context
     if context < geometry.receptive_field:
-        log.warning("overlap %d < the decoder's receptive field (%d latent frames): frames near each shard's "
-                    "start will differ from a whole-video decode (overlap 'exact' keeps them identical)",
+        log.warning("context %d < the decoder's receptive field (%d latent frames): frames near each shard's "
+                    "start will differ from a whole-video decode (context 'exact' keeps them identical)",
                     context, geometry.receptive_field)
     cost = None
     if spec.context_mode == "pruned":
@@ -239,7 +239,7 @@ class RenderJob:
                 self.pool = WorkerPool(workers, use_gpu)
             ok = False
             try:
-                plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_frames,
+                plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_latents,
                                    job.context_cost)
                 result = self._run(plan, job.latents, job.fingerprint, t_job)
                 ok = True

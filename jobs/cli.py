@@ -82,7 +82,8 @@ def _add(group, flag: str, dest: str, field, default) -> None:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     if "metavar" in extra:  # a better word than the type's, e.g. DIR|URI
         kwargs["metavar"] = extra["metavar"]
-    group.add_argument(flag, **kwargs)
+    # Old names kept working for a while; the description says they are deprecated.
+    group.add_argument(flag, *extra.get("cli_aliases", ()), **kwargs)
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], *,

@@ -307,7 +307,7 @@ def test_warm_farm_scales_gpu_nodes_from_zero_around_jobs_and_back(fake_cluster)
     it bring GPU nodes up for its replicas; idle replicas (1 s) and then nodes (6 s) go."""
     outs = [os.path.join(fake_cluster.tmp, f"farm-out-{i}") for i in range(2)]
     render = [sys.executable, "-m", "jobs.render", "--demo", "--demo-frames", "9", "--device", "cuda",
-              "--farm", "auto", "--shard-frames", "4"]
+              "--farm", "auto", "--shard-latents", "4"]
     script = " && ".join([
         f"{sys.executable} -m jobs.farm up --device cuda --capacity 2 --idle-s 1",
         *(" ".join(render[:4] + [out] + render[4:]) for out in outs)])

@@ -79,20 +79,29 @@ def _cli_spec(argv):
 def test_cli_and_api_build_equal_specs(tmp_path):
     weights = tmp_path / "vae"
     cli, run = _cli_spec(["z.safetensors", str(tmp_path / "out"), "--weights", str(weights), "--dtype", "bf16",
-                          "--overlap", "8", "--workers", "3", "--shard-frames", "5", "--format", "ffv1",
+                          "--context", "8", "--workers", "3", "--shard-latents", "5", "--format", "ffv1",
                           "--keep-segments", "--address", "auto", "--startup-timeout", "30"])
     api, _ = make_spec(pathlib.Path("z.safetensors"), tmp_path / "out",
-                       {"decoder": "wan2.1", "weights": weights, "dtype": "bf16", "overlap": 8, "workers": 3,
-                        "shard_frames": 5, "format": "ffv1", "keep_segments": True})
+                       {"decoder": "wan2.1", "weights": weights, "dtype": "bf16", "context": 8, "workers": 3,
+                        "shard_latents": 5, "format": "ffv1", "keep_segments": True})
     assert cli == api
     assert (run.address, run.startup_timeout, run.demo) == ("auto", 30.0, False)
     # The decoder as a dict or a DecoderSpec, as before, gives the same spec.
     as_dict, _ = make_spec("z.safetensors", str(tmp_path / "out"),
                            {"decoder": {"name": "wan2.1", "weights": str(weights), "dtype": "bf16"},
-                            "overlap": "8", "workers": 3, "shard_frames": 5, "format": "ffv1",
+                            "context": "8", "workers": 3, "shard_latents": 5, "format": "ffv1",
                             "keep_segments": True})
     assert as_dict == api
     assert make_spec("z.npy", "o", {"decoder": api.decoder})[0].decoder == api.decoder
+    # The deprecated names, --overlap and --shard-frames (overlap=, shard_frames=), still work.
+    old, _ = _cli_spec(["z.safetensors", str(tmp_path / "out"), "--weights", str(weights), "--dtype", "bf16",
+                        "--overlap", "8", "--workers", "3", "--shard-frames", "5", "--format", "ffv1",
+                        "--keep-segments"])
+    assert old == cli
+    old_api, _ = make_spec(pathlib.Path("z.safetensors"), tmp_path / "out",
+                           {"decoder": "wan2.1", "weights": weights, "dtype": "bf16", "overlap": 8, "workers": 3,
+                            "shard_frames": 5, "format": "ffv1", "keep_segments": True})
+    assert old_api == api
 
 
 def test_demo_defaults_and_bad_options_exit_2(tmp_path):
@@ -154,15 +163,15 @@ def test_notebook_renders_a_numpy_array_to_a_path(local_ray, tmp_path):
         assert handle.wait(timeout=300).summary["frames"] == pixel_frames(9)
 
 
-def test_approximate_overlap_warns_that_frames_near_shard_starts_differ(tmp_path, caplog):
+def test_approximate_context_warns_that_frames_near_shard_starts_differ(tmp_path, caplog):
     from cluster.driver import prepare
 
     latents = pattern_latents(9, 96, 128)
-    spec = RenderSpec(output=str(tmp_path / "o"), decoder={"name": "wan2.1", "random_weights": True}, overlap=4)
+    spec = RenderSpec(output=str(tmp_path / "o"), decoder={"name": "wan2.1", "random_weights": True}, context=4)
     with caplog.at_level("WARNING", logger="framefarm"):
         prepare(spec, latents)
     assert any("frames near each shard's start will differ" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level("WARNING", logger="framefarm"):
-        prepare(spec.model_copy(update={"overlap": "exact"}), latents)
+        prepare(spec.model_copy(update={"context": "exact"}), latents)
     assert not [r for r in caplog.records if "differ" in r.getMessage()]

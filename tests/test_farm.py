@@ -125,7 +125,7 @@ def test_second_submitted_job_on_a_warm_farm_starts_its_first_shard_at_once(head
 
 def _driver(out: str, latent_frames: int, address: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jobs.render", "--demo", out, "--demo-frames", str(latent_frames),
-           "--shard-frames", "2", "--device", "cuda", "--farm", "auto", "--format", "ffv1"]
+           "--shard-latents", "2", "--device", "cuda", "--farm", "auto", "--format", "ffv1"]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": address},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -160,7 +160,7 @@ def test_replica_killed_mid_shard_costs_a_retry_not_the_job(warm_farm, tmp_path)
             first_done["pid"] = info.worker.pid
             done_event.set()
 
-    spec = RenderSpec(output=out, decoder={"name": "test-pattern"}, shard_frames=2, device="cuda", format="ffv1")
+    spec = RenderSpec(output=out, decoder={"name": "test-pattern"}, shard_latents=2, device="cuda", format="ffv1")
     job = RenderJob(spec, pattern_latents(25, height=240, width=320), progress=False, use_farm=True,
                     on_event=on_event)
     killed: dict = {}

@@ -28,7 +28,7 @@ def _partial_files(root) -> list[str]:
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "clip"
-    cmd = [sys.executable, "-m", "jobs.render", "--demo", str(out), "--demo-frames", "21", "--shard-frames", "2",
+    cmd = [sys.executable, "-m", "jobs.render", "--demo", str(out), "--demo-frames", "21", "--shard-latents", "2",
            "--workers", "2", "--format", "ffv1"]
     # Its own session, so the SIGINT below goes to its whole process group, as Ctrl-C in a
     # terminal does (Ray's own processes included).

@@ -76,7 +76,7 @@ def test_failed_job_exits_nonzero_with_reason(head, tmp_path):
 def test_rerun_after_killed_driver_reuses_committed_segments(head, tmp_path):
     cluster, _ = head
     out = tmp_path / "resume"
-    cmd = [sys.executable, "-m", "jobs.render", "--demo", str(out), "--demo-frames", "41", "--shard-frames", "4",
+    cmd = [sys.executable, "-m", "jobs.render", "--demo", str(out), "--demo-frames", "41", "--shard-latents", "4",
            "--workers", "1", "--format", "ffv1"]
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -68,13 +68,13 @@ def test_one_render_per_output_same_job_done_once_other_job_only_with_overwrite(
                           pattern_latents(5, 96, 128), progress=False).prepare()
             busy.append(True)
 
-    first = submit(first_latents, out, shard_frames=3, on_event=second_job_while_first_runs,
+    first = submit(first_latents, out, shard_latents=3, on_event=second_job_while_first_runs,
                    decoder={"name": "test-pattern"}).wait(timeout=300)
     assert busy and _indices(out, "video.mp4") == list(range(pixel_frames(9)))
 
     # The same job again: already rendered, no work at all.
     events = []
-    again = submit(first_latents, out, shard_frames=3, on_event=lambda kind, info: events.append(kind),
+    again = submit(first_latents, out, shard_latents=3, on_event=lambda kind, info: events.append(kind),
                    decoder={"name": "test-pattern"}).wait(timeout=300)
     assert again.already_rendered and events == [] and again.summary["render"] == first.summary["render"]
 
@@ -107,7 +107,7 @@ def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
             os.kill(info["info"].pid, signal.SIGKILL)
             killed.append(info["info"].pid)
 
-    result = submit(latents, out, format="ffv1", shard_frames=60, workers=2, on_event=kill_while_writing,
+    result = submit(latents, out, format="ffv1", shard_latents=60, workers=2, on_event=kill_while_writing,
                     decoder={"name": "test-pattern"}).wait(timeout=600)
     assert killed and result.summary["retried_shards"] >= 1
     assert _indices(out, "video.mkv") == list(range(pixel_frames(121)))
@@ -123,7 +123,7 @@ def test_an_encoder_that_cannot_open_is_refused_once_not_retried(tmp_path):
     out = tmp_path / "out"
     retries = []
     with pytest.raises(InputError, match="h264_nvenc does not open"):
-        submit(pattern_latents(5, 96, 128), str(out), encoder="h264_nvenc", shard_frames=2,
+        submit(pattern_latents(5, 96, 128), str(out), encoder="h264_nvenc", shard_latents=2,
                on_event=lambda kind, info: retries.append(kind) if kind in ("retry", "dispatch") else None,
                decoder={"name": "test-pattern"}).wait(timeout=300)
     assert retries == []  # refused before any shard went out
@@ -150,7 +150,7 @@ def test_a_stopped_driver_loses_its_lease_and_publishes_nothing(tmp_path):
             Lease.acquire(store, "someone-else", ttl_s=3600)
             taken.set()
 
-    job = submit(pattern_latents(9, 96, 128), out, shard_frames=3, overwrite=True, on_event=take_over,
+    job = submit(pattern_latents(9, 96, 128), out, shard_latents=3, overwrite=True, on_event=take_over,
                  decoder={"name": "test-pattern"})
     with pytest.raises(Exception, match="lease on .* (taken over|no longer)"):
         job.wait(timeout=300)
@@ -161,14 +161,14 @@ def test_a_stopped_driver_loses_its_lease_and_publishes_nothing(tmp_path):
 def test_a_damaged_committed_segment_is_deleted_and_rendered_again(tmp_path):
     out = tmp_path / "out"
     latents = pattern_latents(13, 96, 128)
-    render(latents, str(out), format="ffv1", shard_frames=3, keep_segments=True, **PATTERN)
+    render(latents, str(out), format="ffv1", shard_latents=3, keep_segments=True, **PATTERN)
     (segment,) = [p for p in sorted(out.glob("segments/*/*.mkv")) if p.name.startswith("00002_")]
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0xFF  # flipped bytes in a committed segment
     segment.write_bytes(bytes(data))
     (out / "video.mkv").unlink()  # the render is no longer whole: the job runs again, reusing segments
     events = []
-    result = submit(latents, str(out), format="ffv1", shard_frames=3,
+    result = submit(latents, str(out), format="ffv1", shard_latents=3,
                     on_event=lambda kind, info: events.append((kind, info)),
                     decoder={"name": "test-pattern"}).wait(timeout=300)
     healed = [info["shard"].index for kind, info in events if kind == "heal"]
@@ -191,7 +191,7 @@ def test_a_killed_stitcher_is_replaced_at_once_and_the_video_is_exact(tmp_path):
         if kind == "done" and order.count("done") == 1:
             os.kill(pids[0], signal.SIGKILL)
 
-    submit(latents, out, format="ffv1", shard_frames=6, workers=2, on_event=kill_stitcher_after_first_shard,
+    submit(latents, out, format="ffv1", shard_latents=6, workers=2, on_event=kill_stitcher_after_first_shard,
            decoder={"name": "test-pattern"}).wait(timeout=600)
     assert len(pids) == 2 and pids[0] != pids[1]
     # Noticed while shards still ran, not after the last one.
@@ -217,7 +217,7 @@ def test_a_farm_shared_by_concurrent_jobs(tmp_path):
         def run(i):
             try:
                 results[i] = farm.render(pattern_latents(3 + i, 96, 128), str(tmp_path / f"job{i}"),
-                                         shard_frames=2, **PATTERN)
+                                         shard_latents=2, **PATTERN)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
@@ -234,7 +234,7 @@ def test_a_farm_shared_by_concurrent_jobs(tmp_path):
         # One long job and one short, side by side; the long one is cancelled.
         long_running, short_dispatched = threading.Event(), threading.Event()
         long_job = submit(pattern_latents(2000, 96, 128), str(tmp_path / "long"), farm=farm, format="ffv1",
-                          shard_frames=2000, decoder={"name": "test-pattern"},
+                          shard_latents=2000, decoder={"name": "test-pattern"},
                           on_event=lambda kind, info: long_running.set() if kind == "dispatch" else None)
         assert long_running.wait(timeout=300)
         short_events = []
@@ -245,7 +245,7 @@ def test_a_farm_shared_by_concurrent_jobs(tmp_path):
                 short_dispatched.set()
 
         short_job = submit(pattern_latents(9, 96, 128), str(tmp_path / "short"), farm=farm, format="ffv1",
-                           shard_frames=3, decoder={"name": "test-pattern"}, on_event=on_short)
+                           shard_latents=3, decoder={"name": "test-pattern"}, on_event=on_short)
         assert short_dispatched.wait(timeout=300)
         assert long_job.cancel(timeout=120)
         with pytest.raises(JobCancelled):

@@ -55,7 +55,7 @@ def test_exact_shards_equal_the_monolithic_decode(ray_cluster, tiny_wan_dir, tmp
     # With too little context the shards are not exact: the test can tell the difference.
     short = str(tmp_path / "short")
     render(latents, short, decoder={"name": "wan2.1", "weights": tiny_wan_dir}, format="ffv1", workers=3,
-           overlap=2, progress=False)
+           context=2, progress=False)
     assert not np.array_equal(_video(short, "ffv1"), reference)
 
 
@@ -63,7 +63,7 @@ def test_exact_shards_equal_the_monolithic_decode(ray_cluster, tiny_wan_dir, tmp
 def test_every_frame_exactly_once_in_order(ray_cluster, tmp_path, fmt):
     t = 37
     out = str(tmp_path / fmt)
-    result = render(pattern_latents(t, 96, 128), out, format=fmt, shard_frames=4, **PATTERN)
+    result = render(pattern_latents(t, 96, 128), out, format=fmt, shard_latents=4, **PATTERN)
     frames = _video(out, fmt)
     assert [read_index(f) for f in frames] == list(range(pixel_frames(t)))
     table = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
@@ -80,7 +80,7 @@ def test_every_frame_exactly_once_in_order(ray_cluster, tmp_path, fmt):
 
 def _clean_reference(tmp_path, latents):
     out = str(tmp_path / "clean")
-    render(latents, out, format="ffv1", shard_frames=3, **PATTERN)
+    render(latents, out, format="ffv1", shard_latents=3, **PATTERN)
     return _video(out, "ffv1")
 
 
@@ -95,7 +95,7 @@ def test_worker_killed_mid_shard_gives_the_identical_video(ray_cluster, tmp_path
             killed.append(info["shard"].index)
 
     out = str(tmp_path / "killed")
-    result = submit(latents, out, format="ffv1", shard_frames=3, on_event=kill_first_dispatch,
+    result = submit(latents, out, format="ffv1", shard_latents=3, on_event=kill_first_dispatch,
                     decoder={"name": "test-pattern"}).wait(timeout=300)
     assert killed == [2]
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
@@ -124,7 +124,7 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
         while len(farm.pool.actors) < 3 and time.monotonic() < deadline:
             farm.pool.poll_ready(timeout=1.0)
         assert len(farm.pool.actors) == 3
-        result = submit(latents, out, farm=farm, format="ffv1", shard_frames=3, on_event=remove_node_of_dispatch,
+        result = submit(latents, out, farm=farm, format="ffv1", shard_latents=3, on_event=remove_node_of_dispatch,
                         decoder={"name": "test-pattern"}).wait(timeout=300)
     assert removed
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
@@ -208,7 +208,7 @@ def test_a_farm_outlives_a_dead_worker_and_a_cancelled_job(ray_cluster, tmp_path
 
         # Shards far longer than the dispatch loop's 1 s poll: they are still running at the cancel.
         handle = submit(pattern_latents(4000, 96, 128), str(tmp_path / "cancelled"), farm=farm,
-                        on_event=on_event, shard_frames=2000, format="ffv1", decoder={"name": "test-pattern"})
+                        on_event=on_event, shard_latents=2000, format="ffv1", decoder={"name": "test-pattern"})
         assert running.wait(timeout=120)
         assert handle.cancel(timeout=120)
         with pytest.raises(JobCancelled):
@@ -235,7 +235,7 @@ def test_resume_redoes_segments_made_with_another_encoder(ray_cluster, tmp_path)
     # both cannot be joined, so the resume redoes the NVENC ones instead of failing to stitch.
     out = tmp_path / "resume"
     latents = pattern_latents(9, 96, 128)
-    first = render(latents, str(out), shard_frames=3, keep_segments=True, **PATTERN)
+    first = render(latents, str(out), shard_latents=3, keep_segments=True, **PATTERN)
     assert first.summary["shards"] == 3
     sidecars = sorted(out.glob("segments/*/*.mp4.json"))
     sidecars[0].unlink()  # shard 0 was not committed: the resume has work to do
@@ -244,7 +244,7 @@ def test_resume_redoes_segments_made_with_another_encoder(ray_cluster, tmp_path)
     meta["report"]["sink"]["codec"] = "h264_nvenc"  # as a worker with NVENC would have written it
     sidecars[1].write_text(json.dumps(meta))
     (out / "video.mp4").unlink()
-    again = render(latents, str(out), shard_frames=3, **PATTERN)
+    again = render(latents, str(out), shard_latents=3, **PATTERN)
     assert again.summary["reused_shards"] == 1
     assert [read_index(f) for f in _video(str(out), "mp4")] == list(range(pixel_frames(9)))
 
@@ -263,7 +263,7 @@ def test_a_shard_failing_on_io_is_retried_and_bad_input_is_not(ray_cluster, tmp_
             if (out / "segments").is_file():
                 (out / "segments").unlink()
 
-    handle = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_frames=3,
+    handle = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_latents=3,
                     on_event=clear_on_retry, decoder={"name": "test-pattern"})
     result = handle.wait(timeout=300)
     assert retries and result.summary["retried_shards"] >= 1

@@ -49,7 +49,7 @@ def test_s3_latents_to_s3_video(s3_ray, tmp_path):
     s3.upload_file(str(tmp_path / "in.safetensors"), bucket, "inputs/clip.safetensors")
     out = f"s3://{bucket}/renders/clip"
     result = render(f"s3://{bucket}/inputs/clip.safetensors", out, decoder={"name": "test-pattern"},
-                    format="mp4", shard_frames=4, workers=2, keep_segments=True, progress=False)
+                    format="mp4", shard_latents=4, workers=2, keep_segments=True, progress=False)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="renders/clip/")["Contents"]}
     # render.json, written last, publishes the render; its files live under its own prefix.
     record = json.loads(s3.get_object(Bucket=bucket, Key="renders/clip/render.json")["Body"].read())

@@ -268,7 +268,7 @@ def test_parts_shrink_cover_the_segment_and_follow_the_cores():
 @pytest.mark.parametrize("layout", ["rgb24", "yuv420p"])
 def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_path, layout):
     from actors.colour import to_yuv420_frames
-    from actors.stitch import concat_segments, inspect_segment
+    from actors.concat import concat_segments, inspect_segment
 
     frames = pattern_frames(0, 61)
     path = str(tmp_path / "parted.mp4")

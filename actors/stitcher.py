@@ -1,6 +1,6 @@
-"""Reassembling a job's segments into its final video, in shard order, as they land.
+"""The stitcher: a job's segments joined into its video, in shard order, as they land.
 
-`SegmentAssembler` runs without Ray; `actors.ray_actors.Stitcher` wraps it. Segments can
+`Stitcher` runs without Ray; `actors.ray_actors.StitcherActor` wraps it. Segments can
 arrive in any order. Each is verified the moment it arrives, in a pool of threads: fetched
 if remote, then its size, sha256 and frame count and timestamps checked (hash and
 inspection side by side, each reading the file once). One appender thread joins verified
@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from actors.protocol import Segment, video_name
-from actors.stitch import SegmentLayout, StreamingConcat, inspect_segment
+from actors.concat import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
 from infra.scratch import make_scratch, sweep_stale
 from infra.storage import open_store
@@ -53,7 +53,7 @@ class _Verified:
     verify_s: float
 
 
-class SegmentAssembler:
+class Stitcher:
     def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, scratch_dir: str | None = None,
                  verify_threads: int = 4, video_prefix: str = ""):
         """Segments' keys are relative to `output_uri`; the video goes under `video_prefix`
@@ -103,7 +103,7 @@ class SegmentAssembler:
         with self._cond:
             self._raise_failure()
             if self._stop:
-                raise RuntimeError("the assembler is closed")
+                raise RuntimeError("the stitcher is closed")
             if not 0 <= index < self.shard_count:
                 raise ValueError(f"shard {index} is outside this job's {self.shard_count} shards")
             if index in self._arrived:
@@ -123,7 +123,7 @@ class SegmentAssembler:
                 self._cond.wait(_POLL_S if left is None else min(_POLL_S, left))
             self._raise_failure()
             if self._stop and self._next < count:
-                raise RuntimeError("the assembler was aborted")
+                raise RuntimeError("the stitcher was aborted")
             return self._next
 
     def finish(self) -> dict:
@@ -131,7 +131,7 @@ class SegmentAssembler:
         with self._cond:
             self._raise_failure()  # a segment that failed says more than one that never came
             if self._stop:
-                raise RuntimeError("the assembler was aborted")
+                raise RuntimeError("the stitcher was aborted")
             missing = sorted(set(range(self.shard_count)) - set(self._arrived))
         if missing:
             raise SegmentError(f"cannot finish: shards {missing[:10]} not appended")

@@ -81,7 +81,7 @@ def _check_count(segment_path: str, count: int, expected: int | None) -> None:
 
 
 @dataclass(frozen=True)
-class StitchResult:
+class ConcatResult:
     path: str
     frames: int
     bytes: int
@@ -89,7 +89,7 @@ class StitchResult:
 
 
 def concat_segments(segment_paths: list[str], fmt: str, out_path: str, fps: int, *,
-                    expected_frames: list[int] | None = None) -> StitchResult:
+                    expected_frames: list[int] | None = None) -> ConcatResult:
     """Join segments in order; every frame of every segment, nothing re-encoded.
 
     With expected_frames (one count a segment, from the plan) each segment is checked
@@ -164,7 +164,7 @@ class StreamingConcat:
         self.segments += 1
         return count
 
-    def close(self) -> StitchResult:
+    def close(self) -> ConcatResult:
         self._check_open()
         start = time.perf_counter()
         try:
@@ -179,7 +179,7 @@ class StreamingConcat:
             raise
         self._state = "closed"
         self._seconds += time.perf_counter() - start
-        return StitchResult(self.path, self.frames, size, self._seconds)
+        return ConcatResult(self.path, self.frames, size, self._seconds)
 
     def abort(self) -> None:
         if self._state in ("closed", "aborted"):

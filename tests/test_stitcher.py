@@ -1,4 +1,4 @@
-"""SegmentAssembler: segments verified as they land, joined in shard order, refused when
+"""Stitcher: segments verified as they land, joined in shard order, refused when
 they are not what their worker reported. Real segments (libx264, FFV1, PNG tars), a real
 local store. The Ray wrapper runs in tests/test_render_ray.py, and segments fetched from S3
 in tests/test_render_s3.py."""
@@ -9,12 +9,12 @@ import os
 
 import pytest
 
-from actors.assemble import SegmentAssembler, SegmentError
+from actors.stitcher import Stitcher, SegmentError
 from actors.decoders import read_index
 from actors.protocol import Segment, video_name
 from actors.sinks import read_frames
 from infra.checksum import sha256_file
-from tests.test_stitch import FPS, make_segments
+from tests.test_concat import FPS, make_segments
 
 SIZES = (9, 8, 8, 5)
 
@@ -36,26 +36,26 @@ def _indices(out: str, fmt: str) -> list[int]:
 @pytest.mark.parametrize("fmt", ["mp4", "ffv1", "png"])
 def test_segments_arriving_out_of_order_give_every_frame_in_order(tmp_path, fmt):
     out, metas = _store_segments(tmp_path, fmt)
-    assembler = SegmentAssembler(out, fmt, FPS, len(metas), scratch_dir=str(tmp_path))
+    stitcher = Stitcher(out, fmt, FPS, len(metas), scratch_dir=str(tmp_path))
     for i in (2, 0, 3, 1):
-        assembler.add(Segment(**metas[i]))
-    result = assembler.finish()
+        stitcher.add(Segment(**metas[i]))
+    result = stitcher.finish()
     assert result["frames"] == sum(SIZES) and result["video"] == video_name(fmt)
     assert _indices(out, fmt) == list(range(sum(SIZES)))
-    assert len(assembler.appended_at) == len(SIZES)
+    assert len(stitcher.appended_at) == len(SIZES)
 
 
 def test_segments_are_appended_as_they_land_not_at_finish(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4")
-    assembler = SegmentAssembler(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
-    assembler.add(Segment(**metas[1]))
-    assembler.add(Segment(**metas[0]))
+    stitcher = Stitcher(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
+    stitcher.add(Segment(**metas[1]))
+    stitcher.add(Segment(**metas[0]))
     # Shards 0 and 1 are joined while 2 and 3 are still "decoding"; 2 cannot jump the queue.
-    assert assembler.wait_appended(2, timeout=60) == 2
-    assembler.add(Segment(**metas[3]))
-    assert assembler.wait_appended(3, timeout=0.2) == 2
-    assembler.add(Segment(**metas[2]))
-    assembler.finish()
+    assert stitcher.wait_appended(2, timeout=60) == 2
+    stitcher.add(Segment(**metas[3]))
+    assert stitcher.wait_appended(3, timeout=0.2) == 2
+    stitcher.add(Segment(**metas[2]))
+    stitcher.finish()
     assert _indices(out, "mp4") == list(range(sum(SIZES)))
 
 
@@ -84,51 +84,51 @@ def test_a_segment_that_is_not_what_its_worker_reported_fails_the_job_and_leaves
         with open(path, "wb") as f:
             f.write(b"not a video at all" * 100)
         bad["bytes"], bad["sha256"] = os.path.getsize(path), sha256_file(path)
-    assembler = SegmentAssembler(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
+    stitcher = Stitcher(out, "mp4", FPS, len(metas), scratch_dir=str(tmp_path))
     for m in metas:
         try:
-            assembler.add(Segment(**m))  # a later add may already see the failure
+            stitcher.add(Segment(**m))  # a later add may already see the failure
         except SegmentError:
             break
     with pytest.raises(SegmentError, match=message) as err:
-        assembler.finish()
+        stitcher.finish()
     assert bad["key"] in str(err.value) or damage == "garbage"
-    assembler.abort()
+    stitcher.abort()
     assert not os.path.exists(os.path.join(out, video_name("mp4")))
     assert [n for n in os.listdir(out) if n != "segments"] == []  # no temporary output either
 
 
 def test_finish_with_a_shard_missing_refuses_and_abort_does_not_hang(tmp_path):
     out, metas = _store_segments(tmp_path, "ffv1")
-    assembler = SegmentAssembler(out, "ffv1", FPS, len(metas), scratch_dir=str(tmp_path))
+    stitcher = Stitcher(out, "ffv1", FPS, len(metas), scratch_dir=str(tmp_path))
     for m in metas[:2] + metas[3:]:
-        assembler.add(Segment(**m))
+        stitcher.add(Segment(**m))
     with pytest.raises(SegmentError, match=r"shards \[2\] not appended"):
-        assembler.finish()
-    assembler.abort()  # the appender is waiting for shard 2: it must still stop
+        stitcher.finish()
+    stitcher.abort()  # the appender is waiting for shard 2: it must still stop
     assert not os.path.exists(os.path.join(out, video_name("ffv1")))
-    assert not os.path.exists(assembler.scratch)
+    assert not os.path.exists(stitcher.scratch)
 
 
 def test_bad_shard_indices_are_refused(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4", (9, 8))
-    assembler = SegmentAssembler(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
+    stitcher = Stitcher(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
     try:
-        assembler.add(Segment(**metas[0]))
+        stitcher.add(Segment(**metas[0]))
         with pytest.raises(ValueError, match="added twice"):
-            assembler.add(Segment(**metas[0]))
+            stitcher.add(Segment(**metas[0]))
         with pytest.raises(ValueError, match="outside"):
-            assembler.add(Segment(**{**metas[1], "index": 2}))
+            stitcher.add(Segment(**{**metas[1], "index": 2}))
     finally:
-        assembler.abort()
+        stitcher.abort()
 
 
 def test_finish_after_abort_refuses_instead_of_waiting(tmp_path):
     out, metas = _store_segments(tmp_path, "mp4", (9, 8))
-    assembler = SegmentAssembler(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
-    assembler.add(Segment(**metas[0]))
-    assembler.abort()
+    stitcher = Stitcher(out, "mp4", FPS, 2, scratch_dir=str(tmp_path))
+    stitcher.add(Segment(**metas[0]))
+    stitcher.abort()
     with pytest.raises(RuntimeError, match="aborted"):
-        assembler.finish()
+        stitcher.finish()
     with pytest.raises(RuntimeError, match="aborted|closed"):
-        assembler.wait_appended(2, timeout=None)
+        stitcher.wait_appended(2, timeout=None)

@@ -12,7 +12,7 @@ import pytest
 from actors.decoders import read_index
 from actors.protocol import segment_suffix, video_name
 from actors.sinks import count_frames, open_sink, read_frames
-from actors.stitch import StitchResult, StreamingConcat, concat_segments
+from actors.concat import ConcatResult, StreamingConcat, concat_segments
 from tests.test_sinks import H, W, pattern_frames
 
 FPS = 16
@@ -47,7 +47,7 @@ def test_three_segments_stitch_to_every_frame(tmp_path, fmt):
     out = tmp_path / "out" / video_name(fmt)
     result = concat_segments(segments, fmt, str(out), FPS)
 
-    assert isinstance(result, StitchResult)
+    assert isinstance(result, ConcatResult)
     assert result.path == str(out) and result.frames == 25 and result.seconds >= 0
     assert visible_names(out.parent) == [out.name]  # nothing temporary left beside it
     assert count_frames(str(out), fmt) == 25
