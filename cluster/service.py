@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 import uuid
 
@@ -106,7 +107,8 @@ class ServicePool:
         self._slots = [_Slot(i) for i in range(self.size)]
         self._couriers = concurrent.futures.ThreadPoolExecutor(self.size + 2, thread_name_prefix="framefarm-farm")
         self._calls: dict = {}  # future -> Serve response, for cancel
-        self._busy: set = set()  # slots with a call in flight
+        self._claimed: set = set()  # slots a job holds, from claim to release
+        self._lock = threading.Lock()
         self.info: dict = {}
 
     @property
@@ -121,9 +123,21 @@ class ServicePool:
 
     @property
     def actors(self) -> list:
-        """Busy slots, then as many free ones as the share leaves room for."""
-        room = max(0, self.share - len(self._busy))
-        return [s for s in self._slots if s in self._busy] + [s for s in self._slots if s not in self._busy][:room]
+        """The slots of this job's current share."""
+        return self._slots[:max(1, min(self.share, self.size))]
+
+    def claim(self, n: int) -> list:
+        """Up to `n` free slots, as many as the job's share leaves room for, held until released."""
+        share = self.share
+        with self._lock:
+            room = max(0, share - len(self._claimed))
+            free = [s for s in self._slots if s not in self._claimed][:max(0, min(n, room))]
+            self._claimed.update(free)
+            return free
+
+    def release(self, slot) -> None:
+        with self._lock:
+            self._claimed.discard(slot)
 
     @property
     def starting(self) -> int:
@@ -146,8 +160,7 @@ class ServicePool:
         response = getattr(self._workers, method).remote(*args)
         future = self._couriers.submit(response.result)
         self._calls[future] = response
-        self._busy.add(slot)
-        future.add_done_callback(lambda f: (self._busy.discard(slot), self._calls.pop(f, None)))
+        future.add_done_callback(lambda f: self._calls.pop(f, None))
         return future
 
     def render_shard(self, slot: _Slot, task, latents_ref) -> concurrent.futures.Future:
@@ -178,6 +191,7 @@ class ServicePool:
 
     def replace(self, slot) -> None:
         """A lost replica is Serve's to restart; the slot is free again for the retry."""
+        self.release(slot)
 
     def workers_used(self, metas: list[dict]) -> int:
         """Replicas this job's shards ran on: the GPUs its job time is billed on."""
