@@ -149,13 +149,6 @@ class ServicePool:
     def wait_ready(self, timeout_s: float, cancelled=None) -> None:
         """Nothing to wait for: Serve holds a call until a replica can take it."""
 
-    def claim(self, n: int) -> list:
-        """Free slots within the job's share (a ServicePool serves one job: no other claimant)."""
-        return [s for s in self.actors if s not in self._busy][:max(n, 0)]
-
-    def release(self, slot) -> None:
-        """Nothing to do: a slot is free once its call is answered (the courier's callback)."""
-
     def _call(self, slot: _Slot, method: str, *args) -> concurrent.futures.Future:
         response = getattr(self._workers, method).remote(*args)
         future = self._couriers.submit(response.result)
