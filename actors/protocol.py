@@ -201,6 +201,9 @@ class RenderSpec(BaseModel):
     encoder_threads: int = Field(0, ge=0, description="libx264 threads; 0 lets it choose by core count")
     ring_depth: int = Field(2, ge=1, le=16, description="pinned host buffers in the frame pipeline's ring")
     max_attempts: int = Field(3, ge=1, description="tries per shard before the job fails")
+    stall_s: float = Field(300.0, gt=0, description="seconds a running shard may go without a decode step "
+                                                    "before it is abandoned, re-run elsewhere and its worker "
+                                                    "replaced (a first step includes loading and compiling)")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
     overwrite: bool = Field(False, description="replace the render of another job already in OUTPUT "
                                                "(default: refuse; the same job again is already rendered)")

@@ -56,6 +56,11 @@ class _DecodeWorker:
                     compile_cache: str | None = None) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
 
+    @ray.method(concurrency_group="watch")
+    def progress(self) -> int:
+        """Answered while a shard runs (its own thread): the driver's stall watch."""
+        return self.worker.progress()
+
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
         t = time.perf_counter()
         record = self.worker.render_shard(task, latents)
@@ -84,7 +89,10 @@ class _StitcherActor:
 
 def decode_worker_class(use_gpu: bool, cpus: int = 1):
     """The DecodeWorker actor class: one GPU each, or CPUs where the cluster has no GPUs."""
-    return ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus)(_DecodeWorker)
+    # A "watch" group of its own: progress() answers while render_shard runs, which the
+    # default group keeps to one call at a time.
+    return ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
+                      concurrency_groups={"watch": 1})(_DecodeWorker)
 
 
 # The stitcher only remuxes and moves bytes: it takes no CPU slot a decoder could use.

@@ -149,10 +149,21 @@ class ShardWorker:
         for prefix in (SCRATCH_PREFIX, WEIGHTS_PREFIX):
             sweep_stale(prefix, scratch_dir if prefix == SCRATCH_PREFIX else None)
         self.scratch_dir = make_scratch(SCRATCH_PREFIX, scratch_dir)
+        self.steps = 0  # decode steps taken, read by progress() from another thread
         self._decoders: dict[DecoderSpec, Decoder] = {}
         self._prepared: set[tuple[DecoderSpec, int, int]] = set()
         self._compile = StartupReport()  # what the last prepared decoder did about compiled code
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
+
+    def _counted(self, chunks):
+        """The decoder's chunks, counted as they come: the progress a watcher reads."""
+        for chunk in chunks:
+            self.steps += 1
+            yield chunk
+
+    def progress(self) -> int:
+        """Decode steps taken since the worker started: it moves while a shard makes progress."""
+        return self.steps
 
     def close(self) -> None:
         """Remove this worker's scratch folder; the worker is not used again."""
@@ -313,6 +324,7 @@ class ShardWorker:
                          crf=encode.crf, preset=encode.preset, threads=encode.threads,
                          frames=shard.frame_count)
         pipeline_started = time.time()
+        chunks = self._counted(chunks)
         report, result = run_pipeline(chunks, sink, drop=drop, depth=decode.ring_depth,
                                       device=self.device, ring=self._ring)
         pipeline_ended = time.time()

@@ -152,6 +152,11 @@ class WorkerPool:
         return actor.render_shard.remote(task, latents_ref)
 
     @staticmethod
+    def progress(actor):
+        """A ref to the worker's decode-step count, answered while a shard runs."""
+        return actor.progress.remote()
+
+    @staticmethod
     def wait(refs: list, timeout: float) -> list:
         done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         return done

@@ -60,6 +60,15 @@ class JobResult:
     already_rendered: bool = False  # OUTPUT held this very job's render: nothing was done
 
 
+@dataclass
+class _Watch:
+    """What the stall watch knows of one running shard."""
+
+    changed: float  # monotonic time its worker's step count last moved (or the dispatch)
+    steps: int | None = None
+    probe: object = None  # an unanswered progress() call
+
+
 class OutputBusy(InputError):
     """Another job (or this same job, started twice) is rendering into OUTPUT."""
 
@@ -141,6 +150,7 @@ class RenderJob:
         self._lease: Lease | None = None
         self._renewer: Renewer | None = None
         self._lease_lost: BaseException | None = None
+        self.stalled_shards = 0
         self._previous: dict | None = None  # the render OUTPUT showed when this job took it
         self._already: dict | None = None  # this job's own render, already published whole
         self._latents = latents
@@ -434,6 +444,7 @@ class RenderJob:
         bar.update(self.frames_done)
         pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
         inflight: dict = {}  # ref -> (shard, attempt, actor)
+        watch: dict = {}  # actor -> _Watch of its running shard
         busy: set = set()
         slices: dict[int, ray.ObjectRef] = {}  # kept for retries: latents go to Ray once a shard
         try:
@@ -455,6 +466,7 @@ class RenderJob:
                                       attempt=attempt)
                     inflight[pool.render_shard(actor, task, slices[shard.index])] = (shard, attempt, actor)
                     busy.add(actor)
+                    watch[actor] = _Watch(changed=time.monotonic())
                     self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
                                                "info": pool.info.get(actor)})
                 if not inflight:
@@ -462,6 +474,8 @@ class RenderJob:
                     pool.wait_ready(self.startup_timeout_s, self.cancelled)
                     continue
                 done = pool.wait(list(inflight), timeout=1.0)
+                if hasattr(pool, "progress"):  # a farm's replicas are Serve's to watch
+                    self._abandon_stalled(inflight, watch, done, todo)
                 for ref in done:
                     shard, attempt, actor = inflight.pop(ref)
                     busy.discard(actor)
@@ -515,6 +529,39 @@ class RenderJob:
                 else:
                     pool.replace(actor)
 
+    def _abandon_stalled(self, inflight: dict, watch: dict, done: list, todo) -> None:
+        """Ask each running shard's worker how far it got (answered from its own thread);
+        a shard with no decode step for stall_s is abandoned: its worker (stopped, hung in a
+        driver call, or behind a dead mount) is killed and replaced, the shard re-run."""
+        spec, pool, now = self.spec, self.pool, time.monotonic()
+        for ref, (shard, attempt, actor) in list(inflight.items()):
+            if ref in done:
+                continue
+            w = watch[actor]
+            if w.probe is not None and ray.wait([w.probe], timeout=0)[0]:
+                try:
+                    steps = ray.get(w.probe)
+                except RayActorError:
+                    steps = None  # lost: the shard's own result says so
+                w.probe = None
+                if steps is not None and steps != w.steps:
+                    w.steps, w.changed = steps, now
+            if w.probe is None:
+                w.probe = pool.progress(actor)
+            if now - w.changed < spec.stall_s:
+                continue
+            del inflight[ref]
+            watch.pop(actor, None)
+            pool.replace(actor)
+            self.stalled_shards += 1
+            if attempt >= spec.max_attempts:
+                raise RuntimeError(f"shard {shard.index} made no progress for {spec.stall_s:.0f} s on attempt "
+                                   f"{attempt} of {spec.max_attempts}; giving up")
+            log.warning("shard %d: no decode step for %.0f s on its worker; abandoning it, replacing the worker "
+                        "and running the shard again (attempt %d)", shard.index, now - w.changed, attempt + 1)
+            self.on_event("stall", {"shard": shard, "attempt": attempt + 1, "actor": actor})
+            todo.appendleft((shard, attempt + 1))
+
     def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
         """Step 5 after the video: manifest, timeline, summary; then drop the segments."""
         spec, pool = self.spec, self.pool
@@ -529,7 +576,7 @@ class RenderJob:
                                    "farm": pool.farm,
                                    "context_compute_overhead": plan.compute_overhead,
                                    "decoder": spec.decoder.model_dump(),
-                                   "format": spec.format,
+                                   "format": spec.format, "stalled_shards": self.stalled_shards,
                                    "decoded_latent_frames": sum(m.shard.decoded_latent_frames
                                                                 for m in all_metas if not m.reused)})
         prefix = render_prefix(job_id)
