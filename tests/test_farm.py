@@ -116,7 +116,7 @@ def test_second_submitted_job_on_a_warm_farm_starts_its_first_shard_at_once(head
           f"wall {cold['wall_seconds']:.1f} / {warm['wall_seconds']:.1f} s\n"
           f"cold driver phases {cold['driver_phases_s']}\nwarm driver phases {warm['driver_phases_s']}")
     assert cold["farm"] and warm["farm"]
-    # The target is 2 s. Measured on the shared 2-core machine (load 11-25): 1.9-3.2 s,
+    # The target is 2 s. Measured on the shared 2-core machine (load 11-25): 1.9-4.1 s,
     # of which Serve's first contact from a new driver ("look for the farm") is 1.3-2.5 s;
     # a wall-clock bound that tight fails under load, so the test asserts the warm/cold
     # contrast and prints the figures (docs/deploy.md, "The warm farm").
