@@ -16,6 +16,7 @@ import ray
 
 from actors.decoders import pattern_latents, read_index
 from actors.sinks import read_frames
+from actors.worker import ShardWorker
 from cluster.api import render, submit
 from cluster.driver import OutputBusy, RenderJob
 
@@ -50,6 +51,14 @@ def _wait_for(condition, timeout_s: float = 120.0, what: str = "") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_one_render_per_output_same_job_done_once_other_job_only_with_overwrite(tmp_path):
@@ -113,8 +122,12 @@ def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
     assert _indices(out, "video.mkv") == list(range(pixel_frames(121)))
     assert _leftovers(out) == []  # the killed writer's partial segment went with the run
     assert not os.path.exists(os.path.join(out, "segments")) or not os.listdir(os.path.join(out, "segments"))
-    # The dead worker's scratch folder was swept by the next worker to start; the others'
-    # went with their workers.
+    # A worker killed by pid, or ended by the pool's shutdown (ray.kill runs no cleanup),
+    # leaves its scratch folder: the next worker to start on this machine sweeps those of
+    # processes that are gone. Whether a replacement started after the kill is a race, so
+    # wait for the job's workers to exit, then start one.
+    _wait_for(lambda: not any(_alive(p) for p in pids), what="the job's workers to exit")
+    ShardWorker(device="cpu").close()
     owners = [re.match(r"framefarm-scratch-(\d+)-", n) for n in os.listdir(tempfile.gettempdir())]
     assert not [m.group(0) for m in owners if m and int(m.group(1)) in pids]
 
