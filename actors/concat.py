@@ -14,6 +14,7 @@ until close() renames it into place, so out_path only ever holds a complete vide
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tarfile
@@ -40,10 +41,12 @@ class SegmentLayout:
     delay: int = 0  # mp4/mkv: the encoder's decode delay, pts - dts of the first packet
 
 
-def inspect_segment(segment_path: str, fmt: str, fps: int, expected: int | None = None) -> SegmentLayout:
+def inspect_segment(segment_path: str, fmt: str, fps: int, expected: int | None = None, *,
+                    data: bytes | None = None) -> SegmentLayout:
     """Pass 1: read a segment's frame count and timestamps, and refuse a malformed one.
 
-    Reads only; safe to run in any thread. Raises ValueError naming the segment.
+    `data`: the segment's bytes, held in memory (mp4/mkv only); `segment_path` then only names
+    it. Reads only; safe to run in any thread. Raises ValueError naming the segment.
     """
     fmt = "mkv" if check_format(fmt) == "ffv1" else fmt
     if fmt == "png":
@@ -54,7 +57,7 @@ def inspect_segment(segment_path: str, fmt: str, fps: int, expected: int | None 
         if names != [f"{i:06d}.png" for i in range(count)]:
             raise ValueError(f"segment {segment_path}: members are not 000000.png.. in order")
         return SegmentLayout(segment_path, count)
-    with av.open(segment_path) as segment:
+    with _open_segment(segment_path, data) as segment:
         stream = _video_stream(segment, segment_path)
         template = _template_key(stream)
         stamps = [(_on_grid(p.pts, p.time_base, fps, segment_path), _on_grid(p.dts, p.time_base, fps, segment_path))
@@ -136,24 +139,28 @@ class StreamingConcat:
         self._last_dts: int | None = None  # of the last packet, in the output's time base
         self._delay: int | None = None  # the output's decode delay in frames (the first segment's)
 
-    def append(self, segment_path: str, expected_frames: int | None, layout: SegmentLayout | None = None) -> int:
+    def append(self, segment_path: str, expected_frames: int | None, layout: SegmentLayout | None = None, *,
+               data: bytes | None = None) -> int:
         """Append one segment's frames; returns how many. expected_frames=None skips that check.
 
         `layout`, `inspect_segment`'s result for this very file, saves reading it twice.
+        `data`: the segment's bytes in memory (mp4/mkv), named by `segment_path`.
         """
         self._check_open()
         start = time.perf_counter()
         try:
             if layout is None:
-                layout = inspect_segment(segment_path, self.fmt, self.fps, expected_frames)
+                layout = inspect_segment(segment_path, self.fmt, self.fps, expected_frames, data=data)
             elif layout.path != segment_path:
                 raise ValueError(f"layout of {layout.path} given for {segment_path}")
             else:
                 _check_count(segment_path, layout.frames, expected_frames)
             if self.fmt == "png":
+                if data is not None:
+                    raise ValueError(f"segment {segment_path}: png segments are read from files")
                 count = self._append_png(segment_path, layout.frames)
             else:
-                count = self._append_video(segment_path, layout)
+                count = self._append_video(segment_path, layout, data)
         except _OutputTouched as exc:
             # Part of the segment may be in the output: it can no longer be made exact.
             self._state = "failed"
@@ -201,11 +208,11 @@ class StreamingConcat:
 
     # -- mp4 / mkv ---------------------------------------------------------------------
 
-    def _append_video(self, segment_path: str, layout: SegmentLayout) -> int:
+    def _append_video(self, segment_path: str, layout: SegmentLayout, data: bytes | None) -> int:
         if self._template is not None and layout.template != self._template:
             raise ValueError(f"segment {segment_path}: stream {layout.template} does not match the first "
                              f"segment's {self._template}; concatenation needs identical encoder settings")
-        self._copy_packets(segment_path, layout)
+        self._copy_packets(segment_path, layout, data)
         return layout.frames
 
     def _place(self, segment_path: str, layout: SegmentLayout) -> tuple[list[tuple[int, int]], int]:
@@ -240,13 +247,13 @@ class StreamingConcat:
             last = dts
         return placed, 1 + lost
 
-    def _copy_packets(self, segment_path: str, layout: SegmentLayout) -> None:
+    def _copy_packets(self, segment_path: str, layout: SegmentLayout, data: bytes | None) -> None:
         """Pass 2: the packets, bytes untouched, at their new times.
 
         The output is opened from the first segment's stream, in the same open of it. Errors
         before the first packet is muxed leave the output as it was.
         """
-        with av.open(segment_path) as segment:
+        with _open_segment(segment_path, data) as segment:
             stream = _video_stream(segment, segment_path)
             if self._out is None:
                 try:
@@ -320,6 +327,10 @@ class StreamingConcat:
 
 class _OutputTouched(Exception):
     """Carries an error raised after a segment's frames began reaching the output."""
+
+
+def _open_segment(path: str, data: bytes | None):
+    return av.open(path if data is None else io.BytesIO(data))
 
 
 def _video_stream(container, path: str):

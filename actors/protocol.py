@@ -340,6 +340,11 @@ class WorkerInfo:
         return f"{self.hostname} gpu {','.join(self.gpu_ids) or self.device} (pid {self.pid})"
 
 
+# A pipelined shard whose GPU was busy this share of its wall time was paced by the GPU; the
+# rest is the pipeline's fill and drain (the first chunk's decode, the last one's copy).
+GPU_PACED_SHARE = 0.9
+
+
 @dataclass
 class PipelineReport:
     """What the frame pipeline measured over one shard (seconds, bytes, counts)."""
@@ -365,12 +370,22 @@ class PipelineReport:
 
     @property
     def bottleneck(self) -> str:
-        """The stage with the most work: in a pipeline it sets the pace, the others wait for it.
+        """The stage that set the pace.
 
-        Waits are not evidence: in the async mode the decode loop also waits for a free buffer
-        when the GPU itself is behind, since a buffer comes back only after its copy landed.
+        In a pipeline (async) that is the GPU when it was busy for nearly all of the shard's
+        wall time; otherwise something kept it waiting: the host (its writes plus the sink's
+        final flush, which follows the last chunk with nothing left to overlap, and is where a
+        sink whose encoders run on threads of their own shows its lag) or the copies. Done one
+        after another (sync), the stages add up and the largest is named. Waits are not
+        evidence: in the async mode the decode loop also waits for a free buffer when the GPU
+        itself is behind, since a buffer comes back only after its copy landed.
         """
-        stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": self.host_busy_s}
+        host = self.host_busy_s + self.flush_s
+        if self.mode == "async" and self.wall_s > 0:
+            if self.gpu_busy_s >= GPU_PACED_SHARE * self.wall_s:
+                return "gpu"
+            return "host" if host >= self.copy_s else "copy"
+        stages = {"gpu": self.gpu_busy_s, "copy": self.copy_s, "host": host}
         return max(stages, key=stages.get)
 
     def as_dict(self) -> dict:

@@ -30,8 +30,8 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, VideoReformatter
 
 from actors.protocol import check_format
-from actors.concat import concat_segments
-from infra.staged import Staged, tmp_sibling
+from actors.concat import StreamingConcat
+from infra.staged import Staged
 
 _MKV_ALIASES = ("ffv1", "mkv")
 
@@ -135,14 +135,8 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
 # ---------------------------------------------------------------------------------------
 # Frame-parallel H.264: how a segment is cut into parts
 
-# A part shorter than this pays its IDR frame over too few frames (bytes), and longer parts
-# than the mean make the encoders fall behind the decoder early in a shard (host memory).
+# A part shorter than this pays its IDR frame over too few frames (bytes).
 MIN_PART_FRAMES = 12
-MEAN_PART_FRAMES = 16
-# Parts shrink along the segment, the last about a fifth of the first: the frames that
-# arrive last are then encoded by several encoders at once, so the segment is finished
-# soon after its last frame arrives instead of one long part's encoding later.
-LAST_OVER_FIRST = 0.2
 # Below this many pixels a frame encodes so fast that one encoder keeps up.
 MIN_PARTED_PIXELS = 640 * 360
 # Decoded frames that may wait for their part's encoder (about 370 frames of 720p I420).
@@ -160,47 +154,30 @@ def available_cores() -> int:
 
 
 def plan_parts(frames: int, width: int, height: int, cores: int, parts: int | None = None
-               ) -> tuple[list[int], int]:
-    """Consecutive part sizes for a segment of `frames` frames, and libx264 threads per part.
+               ) -> tuple[list[int], list[int]]:
+    """Consecutive part sizes for a segment of `frames` frames, and libx264 threads for each.
 
     Each part is a closed H.264 stream of its own encoder, encoded beside the others and
-    joined without re-encoding. Frames reach the sink in order, as fast as the decoder makes
-    them: equal parts would leave the last one's whole encoding after the last frame, so the
-    parts shrink geometrically. Two parts' encoders fill the cores (`cores // 2` threads
-    each) and more overlap near the end. `parts` overrides the count (1: one encoder).
+    appended to the segment as soon as it is done. Frames reach the sink in order, as fast as
+    the decoder makes them, so what is left after the last frame is the last part's encoding
+    (libx264 holds back its lookahead, about 10 frames, until it is flushed). The parts
+    therefore double in size from the end: the last is MIN_PART_FRAMES long and encoded with
+    every core's thread, the ones before it overlap the decode with half the cores each, and
+    few parts mean few extra IDR frames. `parts` overrides the count (1: one encoder).
     """
-    if parts is None:
-        if cores < 2 or width * height < MIN_PARTED_PIXELS:
-            parts = 1
-        else:
-            parts = round(frames / MEAN_PART_FRAMES)
-    parts = max(1, min(parts, frames // MIN_PART_FRAMES))
-    if parts == 1:
-        return [frames], 0
-    ratio = LAST_OVER_FIRST ** (1 / (parts - 1))
-    sizes = _split([ratio ** i for i in range(parts)], frames, MIN_PART_FRAMES)
-    return sizes, max(1, cores // 2)
-
-
-def _split(weights: list[float], total: int, minimum: int) -> list[int]:
-    """Integers in proportion to `weights`, each >= `minimum`, summing to `total`."""
-    fixed: set[int] = set()  # parts held at the minimum
-    while True:
-        free = [i for i in range(len(weights)) if i not in fixed]
-        budget = total - minimum * len(fixed)
-        scale = budget / sum(weights[i] for i in free)
-        short = [i for i in free if weights[i] * scale < minimum]
-        if not short:
-            break
-        fixed.update(short)
-    sizes = [minimum] * len(weights)
-    exact = {i: weights[i] * scale for i in free}
-    for i in free:
-        sizes[i] = int(exact[i])
-    # Largest remainders first, so that the rounding follows the weights.
-    for i in sorted(free, key=lambda i: exact[i] - sizes[i], reverse=True)[: total - sum(sizes)]:
-        sizes[i] += 1
-    return sizes
+    if parts is None and (cores < 2 or width * height < MIN_PARTED_PIXELS):
+        parts = 1
+    limit = max(1, frames // MIN_PART_FRAMES) if parts is None else max(1, min(parts, frames // MIN_PART_FRAMES))
+    tail: list[int] = []  # from the end
+    left, size = frames, MIN_PART_FRAMES
+    while len(tail) + 1 < limit and left - size >= size:
+        tail.append(size)
+        left -= size
+        size *= 2
+    sizes = [left, *reversed(tail)]
+    if len(sizes) == 1:
+        return sizes, [0]
+    return sizes, [max(1, cores // 2)] * (len(sizes) - 1) + [max(1, cores)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,6 +204,9 @@ class _BaseSink:
     def _finish(self) -> None: ...
     def _release(self) -> None: ...
 
+    def _commit(self) -> int:
+        return self._staged.commit()
+
     def write(self, frames: np.ndarray) -> None:
         self._check_open()
         frames = self._check_frames(frames)
@@ -251,7 +231,7 @@ class _BaseSink:
                 raise ValueError(f"{self.path}: no frames written")
             self._finish()
             flush = time.perf_counter() - start
-            size = self._staged.commit()
+            size = self._commit()
         except BaseException as exc:
             self._state, self._error = "failed", exc
             self.abort()
@@ -298,8 +278,10 @@ class _BaseSink:
 class _AvSink(_BaseSink):
     """A PyAV container with one video stream; pts = frame index in 1/fps."""
 
-    def __init__(self, path: str, width: int, height: int, fps: int, container_format: str):
+    def __init__(self, path: str, width: int, height: int, fps: int, container_format: str,
+                 target: io.BytesIO | None = None):
         super().__init__(path, width, height)
+        self._target = target  # None: the staged file beside `path`; else this in-memory file
         self.fps = fps
         self._time_base = Fraction(1, fps)
         self._container_format = container_format
@@ -309,7 +291,8 @@ class _AvSink(_BaseSink):
     def _open_stream(self, codec: str, pix_fmt: str, options: dict[str, str], threads: int,
                      bt709: bool = False) -> None:
         # The file itself is only created at the first mux, so a failure here leaves nothing.
-        container = av.open(self._staged.tmp, "w", format=self._container_format)
+        container = av.open(self._staged.tmp if self._target is None else self._target, "w",
+                            format=self._container_format)
         try:
             stream = container.add_stream(codec, rate=self.fps, options=options)
             ctx = stream.codec_context
@@ -350,12 +333,12 @@ class _AvSink(_BaseSink):
 
 class _Mp4Sink(_AvSink):
     def __init__(self, path: str, width: int, height: int, fps: int, *, encoder: str, crf: int,
-                 preset: str, threads: int):
+                 preset: str, threads: int, target: io.BytesIO | None = None):
         if width % 2 or height % 2:
             raise ValueError(f"mp4 (yuv420p) needs even dimensions, got {width}x{height}")
         if encoder not in ("auto", "libx264", "h264_nvenc"):
             raise ValueError(f"unknown encoder {encoder!r}")
-        super().__init__(path, width, height, fps, "mp4")
+        super().__init__(path, width, height, fps, "mp4", target)
         self._reformatter: VideoReformatter | None = None
         if encoder in ("auto", "h264_nvenc"):
             try:
@@ -386,30 +369,52 @@ class _Mp4Sink(_AvSink):
             dst_color_range=ColorRange.MPEG)
 
 
+class _Mp4Part(_Mp4Sink):
+    """One part of a `_PartedMp4Sink`: an mp4 of its own libx264 encoder, written to memory.
+
+    Parts never touch the disk: they live only until the segment has copied their packets,
+    and writing, flushing and re-reading them cost more than encoding the last frames.
+    """
+
+    def __init__(self, name: str, width: int, height: int, fps: int, *, crf: int, preset: str, threads: int):
+        super().__init__(name, width, height, fps, encoder="libx264", crf=crf, preset=preset, threads=threads,
+                         target=io.BytesIO())
+        self.data: bytes | None = None  # the whole mp4, once closed
+
+    def _commit(self) -> int:
+        target, self._target = self._target, None
+        self.data = target.getvalue()
+        return len(self.data)
+
+
 class _PartedMp4Sink:
     """An mp4 segment encoded as consecutive parts by libx264 encoders side by side, then joined.
 
-    Each part is a whole mp4 of its own encoder (a closed H.264 stream, the same codec
-    parameters as every other part) written beside the segment under a hidden name, by its
-    own thread. close() waits for the parts and remuxes their packets into the segment
-    (actors/concat.py: bytes untouched, timestamps shifted, frame counts and timestamps
-    checked), which appears at `path` complete or not at all. Frames are copied on arrival,
-    since the frame pipeline reuses its buffers, and wait in memory for their part's encoder:
-    at most `max_buffered` of them, beyond which write() blocks (the pipeline then reports
-    the host as its bottleneck).
+    Each part is a closed H.264 stream of its own encoder (the same codec parameters as every
+    other part, so one stream header serves them all), encoded into memory by its own thread.
+    A joiner thread appends each finished part, in order, to the segment (actors/concat.py:
+    packets copied, timestamps shifted, frame counts and timestamps checked), so that when
+    the last frame arrives only the last parts are left to encode and join. The segment
+    appears at `path` complete or not at all. Frames are copied on arrival, since the frame
+    pipeline reuses its buffers, and wait in memory for their part's encoder: at most
+    `max_buffered` of them, beyond which write() blocks (the pipeline then reports the host as
+    its bottleneck).
     """
 
     codec = "libx264"
     layout = "yuv420p"
 
     def __init__(self, path: str, width: int, height: int, fps: int, sizes: list[int], *, crf: int,
-                 preset: str, threads: int, max_buffered: int | None = None):
+                 preset: str, threads: list[int], max_buffered: int | None = None):
         self.path = os.path.abspath(path)
         self.width, self.height, self.fps = width, height, fps
         self.sizes = list(sizes)
         self.total = sum(sizes)
         self.frames = 0  # received so far
-        self._options = dict(encoder="libx264", crf=crf, preset=preset, threads=threads)
+        if len(threads) != len(sizes):
+            raise ValueError(f"{len(sizes)} parts but {len(threads)} thread counts")
+        self.threads = list(threads)
+        self._options = dict(crf=crf, preset=preset)
         frame_bytes = width * height * 3 // 2
         self.max_buffered = max_buffered or max(2 * MIN_PART_FRAMES, _BUFFER_BYTES // frame_bytes)
         self._cond = threading.Condition()
@@ -419,15 +424,24 @@ class _PartedMp4Sink:
         self._parts: list[_Part] = []
         self._state = "open"
         self._seconds = 0.0
+        self._concat = StreamingConcat("mp4", self.path, fps)
         # The first part's encoder opens now, so that one that cannot run fails in open_sink.
-        self._open_part()
+        try:
+            self._open_part()
+        except BaseException:
+            self._concat.abort()
+            raise
+        self._joiner = threading.Thread(target=self._join_parts, name="framefarm-x264-join", daemon=True)
+        self._joiner.start()
 
     def _open_part(self) -> _Part:
         index = len(self._parts)
-        part_path = tmp_sibling(self.path, f".part{index:04d}")
-        sink = _Mp4Sink(part_path, self.width, self.height, self.fps, **self._options)
+        sink = _Mp4Part(f"{self.path}#part{index}", self.width, self.height, self.fps,
+                        threads=self.threads[index], **self._options)
         part = _Part(self, index, sink, self.sizes[index])
-        self._parts.append(part)
+        with self._cond:
+            self._parts.append(part)
+            self._cond.notify_all()
         return part
 
     def write(self, frames: np.ndarray) -> None:
@@ -484,6 +498,26 @@ class _PartedMp4Sink:
         if self._error is not None:
             raise RuntimeError(f"{self.path}: a part's encoder failed: {self._error!r}") from self._error
 
+    def _join_parts(self) -> None:
+        """The joiner thread: append each part to the segment as soon as it is encoded, in order."""
+        try:
+            for index, size in enumerate(self.sizes):
+                with self._cond:
+                    while len(self._parts) <= index and not self._stop.is_set():
+                        self._cond.wait(_POLL_S)
+                if self._stop.is_set():
+                    return
+                part = self._parts[index]
+                while not part.finished.wait(_POLL_S):
+                    if self._stop.is_set():
+                        return
+                if part.sink.data is None:  # its encoder failed, and said so to the owner
+                    return
+                data, part.sink.data = part.sink.data, None  # the packets are in the segment now
+                self._concat.append(part.sink.path, size, data=data)
+        except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
+            self._failed(exc)
+
     def close(self) -> SinkResult:
         self._check_open()
         start = time.perf_counter()
@@ -491,17 +525,16 @@ class _PartedMp4Sink:
             if self.frames != self.total:
                 raise ValueError(f"{self.path}: {self.frames} frames written, the segment was opened for "
                                  f"{self.total}")
-            for part in self._parts:
-                part.join(self._raise_failure)
+            while self._joiner.is_alive():
+                self._raise_failure()
+                self._joiner.join(_POLL_S)
             self._raise_failure()
-            joined = concat_segments([p.sink.path for p in self._parts], "mp4", self.path, self.fps,
-                                     expected_frames=self.sizes)
+            joined = self._concat.close()
         except BaseException:
             self.abort()
             raise
         finally:
             self._seconds += time.perf_counter() - start
-        self._remove_parts()
         self._state = "closed"
         return SinkResult(self.path, self.total, joined.bytes, time.perf_counter() - start, self._seconds, self.codec)
 
@@ -512,15 +545,8 @@ class _PartedMp4Sink:
         self._stop.set()
         for part in self._parts:
             part.join(None, timeout=_ABORT_JOIN_S)
-        self._remove_parts()
-
-    def _remove_parts(self) -> None:
-        for part in self._parts:
-            part.sink.abort()  # a part that did not finish: its temporary file
-            try:
-                os.remove(part.sink.path)  # a part that did: the part itself
-            except FileNotFoundError:
-                pass
+        self._joiner.join(_ABORT_JOIN_S)
+        self._concat.abort()
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -531,10 +557,11 @@ class _PartedMp4Sink:
 class _Part:
     """One part of a `_PartedMp4Sink`: its encoder, fed from a queue by its own thread."""
 
-    def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Sink, size: int):
+    def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Part, size: int):
         self.owner, self.sink, self.size = owner, sink, size
         self.received = 0
         self.queue: queue.Queue = queue.Queue()
+        self.finished = threading.Event()  # encoded and closed, or given up
         self.thread = threading.Thread(target=self._run, name=f"framefarm-x264-part{index}", daemon=True)
         self.thread.start()
 
@@ -560,6 +587,8 @@ class _Part:
         except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
             self.sink.abort()
             self.owner._failed(exc)
+        finally:
+            self.finished.set()
 
     def join(self, check, timeout: float | None = None) -> None:
         """Wait for the part's thread; `check` (re-raising a part's failure) runs between waits."""

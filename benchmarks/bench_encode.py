@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                "fps_in": args.fps_in, "crf": args.crf, "preset": args.preset,
                "auto_plan": {"sizes": sizes, "threads_per_part": threads}, "rows": []}
     print(f"{width}x{height} x {args.frames} frames, {cores} cores; auto: {len(sizes)} parts {sizes}, "
-          f"{threads} x264 threads each; paced at {args.fps_in:.1f} frames/s\n", flush=True)
+          f"{threads} x264 threads per part; paced at {args.fps_in:.1f} frames/s\n", flush=True)
     tmp = tempfile.mkdtemp(prefix="ffenc-")
     for mode, fps_in in (("offline", None), ("paced", args.fps_in)):
         for parts in args.parts:

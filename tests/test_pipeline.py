@@ -224,6 +224,25 @@ def test_backpressure_names_the_host_as_bottleneck(tmp_path, depth):
     assert report.bottleneck == "host"
 
 
+def test_a_flush_after_the_last_chunk_names_the_host_and_a_busy_gpu_names_the_gpu():
+    from actors.protocol import PipelineReport
+
+    # The parted mp4 sink takes frames at once (little write time) and its encoders finish
+    # after the last chunk: that flush is host time the GPU sat idle for.
+    lagging = PipelineReport("async", wall_s=5.04, gpu_busy_s=3.65, copy_s=0.2, host_busy_s=0.25, flush_s=1.38)
+    assert lagging.bottleneck == "host"
+    paced = PipelineReport("async", wall_s=3.75, gpu_busy_s=3.65, copy_s=0.2, host_busy_s=0.25, flush_s=0.05)
+    assert paced.bottleneck == "gpu"
+    copies = PipelineReport("async", wall_s=5.0, gpu_busy_s=2.0, copy_s=3.0, host_busy_s=0.5, flush_s=0.1)
+    assert copies.bottleneck == "copy"
+    # Done one after another, the largest stage is named.
+    assert PipelineReport("sync", wall_s=6.0, gpu_busy_s=3.0, copy_s=0.5, host_busy_s=2.0, flush_s=0.5
+                          ).bottleneck == "gpu"
+    assert PipelineReport("sync", wall_s=6.0, gpu_busy_s=2.0, copy_s=0.5, host_busy_s=2.0, flush_s=1.0
+                          ).bottleneck == "host"
+    assert PipelineReport.from_dict(lagging.as_dict()).bottleneck == "host"
+
+
 def test_gpu_side_yuv420_matches_bt709_reference_values():
     from actors.colour import to_yuv420_frames
 

@@ -249,20 +249,23 @@ def test_encoder_probe_answers_yes_and_no_with_real_encoders():
 # Frame-parallel mp4: a segment encoded as consecutive parts side by side, joined
 
 
-def test_parts_shrink_cover_the_segment_and_follow_the_cores():
+def test_parts_double_from_the_end_cover_the_segment_and_follow_the_cores():
     from actors.sinks import MIN_PART_FRAMES, plan_parts
 
     for frames in (24, 40, 161, 321, 2001):
         sizes, threads = plan_parts(frames, 1280, 720, cores=8)
-        assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES and threads == 4
-        assert sizes == sorted(sizes, reverse=True)  # the last frames go to the shortest parts
-    assert len(plan_parts(161, 1280, 720, cores=8)[0]) == 10
-    assert plan_parts(161, 1280, 720, cores=2)[1] == 1
+        assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES
+        # The last part is the shortest and has every core; each before it is twice the next,
+        # except the first, which takes what is left.
+        assert sizes[-1] == MIN_PART_FRAMES and threads == [4] * (len(sizes) - 1) + [8]
+        assert all(a == 2 * b for a, b in zip(sizes[1:-1], sizes[2:]))
+    assert plan_parts(161, 1280, 720, cores=8) == ([77, 48, 24, 12], [4, 4, 4, 8])
+    assert plan_parts(161, 1280, 720, cores=2)[1] == [1, 1, 1, 2]
     # One encoder: a single core, frames too small to be worth it, too few frames, or asked.
     for args, kwargs in [((161, 1280, 720, 1), {}), ((161, W, H, 8), {}), ((20, 1280, 720, 8), {}),
                          ((161, 1280, 720, 8), {"parts": 1})]:
-        assert plan_parts(*args, **kwargs) == ([args[0]], 0)
-    assert plan_parts(161, W, H, 2, parts=4)[0] == [76, 44, 26, 15]  # the last a fifth of the first
+        assert plan_parts(*args, **kwargs) == ([args[0]], [0])
+    assert plan_parts(161, W, H, 2, parts=3) == ([125, 24, 12], [1, 1, 2])
 
 
 @pytest.mark.parametrize("layout", ["rgb24", "yuv420p"])
@@ -272,8 +275,8 @@ def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_pa
 
     frames = pattern_frames(0, 61)
     path = str(tmp_path / "parted.mp4")
-    sink = open_sink("mp4", path, W, H, 16, encoder="libx264", frames=61, parts=4)
-    assert len(sink.sizes) == 4 and sum(sink.sizes) == 61
+    sink = open_sink("mp4", path, W, H, 16, encoder="libx264", frames=61, parts=3)
+    assert sink.sizes == [25, 24, 12]
     if layout == "yuv420p":  # as the frame pipeline hands it over, in chunks of 4
         chw = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1)
         frames = to_yuv420_frames(chw).numpy()
