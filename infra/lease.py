@@ -9,6 +9,11 @@ lease. A stale lease (expired, or its holder a dead process on this host) is tak
 creating the next number, which only one taker can do; the taker then deletes the lower
 ones. A holder that was taken over (it stalled past its expiry) finds the next number, or
 another token under its own, at its next renewal or check, and must stop writing.
+
+A lease whose holder is this very process is live only while a `Lease` of this process holds
+it: a job that failed where the store could not be reached (S3 cut) cannot delete its lease,
+and a rerun from the same process (a notebook) must not be told the job "is already running"
+until the lease expires.
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ LEASE_PREFIX = ".framefarm-lease."
 _LEASE_KEY = re.compile(r"^\.framefarm-lease\.(\d{8})\.json$")
 DEFAULT_TTL_S = 60.0
 
+# The tokens of the leases this process holds: the one fact about a lease that no store and
+# no other process can tell, like a process's table of its open files.
+_held_here: set[str] = set()
+_held_lock = threading.Lock()
+
+
+def _holding(token: str) -> bool:
+    with _held_lock:
+        return token in _held_here
+
 
 def lease_key(generation: int) -> str:
     return f"{LEASE_PREFIX}{generation:08d}.json"
@@ -54,10 +69,15 @@ class Holder:
                 + (f"renewed until {left:.0f} s from now)" if left > 0 else f"expired {-left:.0f} s ago)"))
 
     def stale(self, now: float) -> bool:
-        """Expired, or held by a process of this host that is gone."""
+        """Expired, held by a process of this host that is gone, or by this process, which
+        gave it up (its job ended) without being able to delete it."""
         if self.expires <= now:
             return True
-        return self.host == socket.gethostname() and process_start(self.pid) != self.pid_start
+        if self.host != socket.gethostname():
+            return False
+        if process_start(self.pid) != self.pid_start:
+            return True
+        return self.pid == os.getpid() and not _holding(self.token)
 
 
 class LeaseHeld(RuntimeError):
@@ -113,7 +133,16 @@ class Lease:
             now = time.time()
             holder = Holder(job=job, host=socket.gethostname(), pid=pid, pid_start=process_start(pid),
                             token=secrets.token_hex(8), expires=now + ttl_s, acquired=now)
-            if store.create_bytes(lease_key(next_generation), json.dumps(asdict(holder)).encode()):
+            with _held_lock:
+                _held_here.add(holder.token)  # before it exists: no look of another thread sees it unheld
+            created = False
+            try:
+                created = store.create_bytes(lease_key(next_generation), json.dumps(asdict(holder)).encode())
+            finally:
+                if not created:
+                    with _held_lock:
+                        _held_here.discard(holder.token)
+            if created:
                 for g in generations:  # the stale ones this one replaces
                     store.delete(lease_key(g))
                 return cls(store, next_generation, holder, ttl_s, made_root)
@@ -140,7 +169,10 @@ class Lease:
         self.holder = holder
 
     def release(self) -> None:
-        """Give the lease up, if it is still this job's."""
+        """Give the lease up, if it is still this job's. Once called, the lease is stale to
+        every later look from this process, even if the store could not be reached."""
+        with _held_lock:
+            _held_here.discard(self.holder.token)
         try:
             self.check()
         except LeaseLost:

@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
@@ -321,6 +323,77 @@ class LocalStore:
 # ---------------------------------------------------------------------------------------
 # S3
 
+
+@dataclass(frozen=True)
+class S3Timeouts:
+    """How long an S3 request may go unanswered, and how often it is tried.
+
+    A stalled S3 (a dead connection, a stuck proxy) must become an error and a retry, with a
+    line in the log, not a silent wait: a request that connects in no `connect_s` or gets no
+    bytes back for `read_s` fails, and boto3's standard retry mode tries it again, backing off,
+    up to `max_attempts` tries in all; each failed try logs a warning. `read_s` bounds a wait
+    between two reads of one response, not a whole transfer: large objects go up and down in
+    parts (64 MiB), and S3 itself keeps a long CompleteMultipartUpload alive.
+
+    Workers build their stores from the environment (FRAMEFARM_S3_CONNECT_TIMEOUT_S,
+    FRAMEFARM_S3_READ_TIMEOUT_S, FRAMEFARM_S3_MAX_ATTEMPTS, else AWS_MAX_ATTEMPTS), which Ray
+    hands on from the driver's machine to the processes it starts there.
+    """
+
+    connect_s: float = 10.0
+    read_s: float = 30.0
+    max_attempts: int = 10
+
+    def __post_init__(self):
+        if not (self.connect_s > 0 and self.read_s > 0 and self.max_attempts >= 1):
+            raise ValueError(f"S3 timeouts must be > 0 and attempts >= 1: {self}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> S3Timeouts:
+        default = cls()
+        try:
+            return cls(connect_s=float(env.get("FRAMEFARM_S3_CONNECT_TIMEOUT_S", default.connect_s)),
+                       read_s=float(env.get("FRAMEFARM_S3_READ_TIMEOUT_S", default.read_s)),
+                       max_attempts=int(env.get("FRAMEFARM_S3_MAX_ATTEMPTS",
+                                                env.get("AWS_MAX_ATTEMPTS", default.max_attempts))))
+        except ValueError as exc:
+            raise ValueError(f"bad FRAMEFARM_S3_* setting in the environment: {exc}") from None
+
+
+class _RetryLog:
+    """A botocore `needs-retry` hook that says, once per failed try, what failed and where.
+
+    It only watches: whether to retry stays the standard retry handler's decision, made
+    beside it for the same try (connection errors, timeouts, 5xx and throttling are retried
+    until `max_attempts`)."""
+
+    _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                  "InternalError", "ServiceUnavailable"}
+
+    def __init__(self, uri: str, max_attempts: int):
+        self.uri, self.max_attempts = uri, max_attempts
+
+    def __call__(self, attempts: int, caught_exception: BaseException | None = None, response=None,
+                 operation=None, request_dict=None, **_) -> None:
+        if caught_exception is not None:
+            why = f"{type(caught_exception).__name__}: {caught_exception}"
+        else:
+            parsed = response[1] if isinstance(response, tuple) and len(response) > 1 else {}
+            status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = parsed.get("Error", {}).get("Code")
+            if not (status >= 500 or code in self._TRANSIENT):
+                return None
+            why = f"HTTP {status} {code or ''}".rstrip()
+        what = getattr(operation, "name", "request")
+        url = (request_dict or {}).get("url", self.uri)
+        if attempts < self.max_attempts:
+            log.warning("S3 %s %s failed (%s), try %d of %d; retrying", what, url, why, attempts, self.max_attempts)
+        else:
+            log.warning("S3 %s %s failed (%s), try %d of %d; giving up", what, url, why, attempts,
+                        self.max_attempts)
+        return None
+
+
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _FORBIDDEN_CODES = {"403", "AccessDenied", "Forbidden"}
 
@@ -337,9 +410,10 @@ class S3Store:
 
     Credentials come from boto3's standard chain (env, shared config, instance role);
     the endpoint from `endpoint_url` if given, else AWS_ENDPOINT_URL_S3 /
-    AWS_ENDPOINT_URL, which boto3 reads itself. Pickles without its client (Ray ships
-    stores to workers) and rebuilds one on arrival from the same settings, so a store
-    built with an explicit `client=` comes back with a default-chain client.
+    AWS_ENDPOINT_URL, which boto3 reads itself; timeouts and retries from `timeouts`, else
+    the environment (`S3Timeouts`). Pickles without its client (Ray ships stores to
+    workers) and rebuilds one on arrival from the same settings, so a store built with an
+    explicit `client=` comes back with a default-chain client.
     """
 
     def __init__(
@@ -352,6 +426,7 @@ class S3Store:
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 64 * MiB,
         max_concurrency: int = 8,
+        timeouts: S3Timeouts | None = None,
     ):
         if not _BUCKET.match(bucket or "") or ".." in bucket:
             raise LocationError(f"bad S3 bucket name {bucket!r}: 3-63 letters, digits, dots and hyphens")
@@ -361,6 +436,7 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix
         self._endpoint_url = endpoint_url
+        self.timeouts = timeouts or S3Timeouts.from_env(os.environ)
         self._transfer_settings = dict(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -380,14 +456,18 @@ class S3Store:
         # A session of our own: boto3's default session is process-global and not
         # thread-safe to create clients from.
         session = boto3.session.Session()
+        t = self.timeouts
         kwargs: dict[str, Any] = {
-            "config": Config(retries={"mode": "standard", "max_attempts": 10})
+            "config": Config(connect_timeout=t.connect_s, read_timeout=t.read_s,
+                             retries={"mode": "standard", "total_max_attempts": t.max_attempts})
         }
         # Only an explicit argument is passed: without one, boto3 applies
         # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / config-file endpoints itself.
         if self._endpoint_url:
             kwargs["endpoint_url"] = self._endpoint_url
-        return session.client("s3", **kwargs)
+        client = session.client("s3", **kwargs)
+        client.meta.events.register("needs-retry.s3", _RetryLog(self.uri, t.max_attempts))
+        return client
 
     def _make_transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
@@ -678,6 +758,7 @@ __all__ = [
     "ObjectStore",
     "LocalStore",
     "S3Store",
+    "S3Timeouts",
     "open_store",
     "split_uri",
     "is_s3",

@@ -1,0 +1,176 @@
+"""S3 failing under a render: a TCP proxy (tests/faultproxy.py) between every framefarm process
+and moto's S3 server cuts or stalls the connection on cue (at a given segment's upload), then
+restores it. Timeouts are configured short (FRAMEFARM_S3_*), as a deployment may: a stall
+becomes an error and a retry, with a line in the log, never a silent wait.
+
+Frames are checked by the test pattern's indices; OUTPUT by its exact list of keys: the
+previous render whole until a new one is published, and no scratch objects (segments,
+leases, unfinished multipart uploads) after a render that ends well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from urllib.parse import urlparse
+
+import boto3
+import pytest
+import ray
+
+from actors.decoders import pattern_latents, read_index
+from actors.protocol import pixel_frames
+from actors.sinks import read_frames
+from cluster.api import render, submit
+from infra.storage import S3Store, S3Timeouts
+from tests.faultproxy import FaultProxy
+from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
+
+PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
+# Short enough that a stall costs seconds here, long enough for moto on a loaded 2-core host.
+TIMEOUTS = {"FRAMEFARM_S3_CONNECT_TIMEOUT_S": "3", "FRAMEFARM_S3_READ_TIMEOUT_S": "3",
+            "FRAMEFARM_S3_MAX_ATTEMPTS": "3"}
+
+
+@pytest.fixture(scope="module")
+def s3_behind_proxy():
+    """moto's server, the proxy in front of it, and a local Ray whose processes reach S3 only
+    through the proxy (they inherit the endpoint, dummy keys and the short timeouts)."""
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV_TO_CLEAR, *fake_aws_env("x"), *TIMEOUTS)}
+    with moto_server() as endpoint:
+        host, port = urlparse(endpoint).hostname, urlparse(endpoint).port
+        with FaultProxy((host, port)) as proxy:
+            for k in AWS_ENV_TO_CLEAR:
+                os.environ.pop(k, None)
+            os.environ.update({**fake_aws_env(proxy.url), **TIMEOUTS})
+            ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False,
+                     object_store_memory=200 * 2**20)
+            try:
+                admin = boto3.client("s3", endpoint_url=endpoint)  # straight to moto: the test's own view
+                bucket = unique_bucket("faults")
+                admin.create_bucket(Bucket=bucket)
+                yield proxy, admin, bucket
+            finally:
+                ray.shutdown()
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+
+@pytest.fixture
+def proxy(s3_behind_proxy):
+    proxy = s3_behind_proxy[0]
+    proxy.reset()
+    yield proxy
+    proxy.reset()
+
+
+def _keys(admin, bucket: str, prefix: str) -> list[str]:
+    pages = admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", ()))
+
+
+def _published(admin, bucket: str, out: str) -> dict:
+    return json.loads(admin.get_object(Bucket=bucket, Key=f"{out}/render.json")["Body"].read())
+
+
+def _indices(admin, bucket: str, out: str, tmp_path) -> list[int]:
+    record = _published(admin, bucket, out)
+    summary = json.loads(admin.get_object(Bucket=bucket, Key=f"{out}/{record['prefix']}/summary.json")["Body"].read())
+    path = tmp_path / f"{record['job_id']}.mp4"
+    admin.download_file(bucket, f"{out}/{summary['video']}", str(path))
+    return [read_index(f) for f in read_frames(str(path), "mp4")]
+
+
+def _segment_upload(bucket: str, out: str) -> bytes:
+    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/segments/\S+\.mp4 "
+
+
+def test_a_stalled_request_times_out_and_is_retried_with_a_log_line(s3_behind_proxy, proxy, caplog):
+    """No silent wait: each try that gets no answer in read_s fails, is logged and tried again;
+    once S3 answers, the call succeeds; a stall longer than every try is an error, not a hang."""
+    _, admin, bucket = s3_behind_proxy
+    store = S3Store(bucket, "stall", endpoint_url=proxy.url,
+                    timeouts=S3Timeouts(connect_s=1, read_s=1, max_attempts=3))
+    caplog.set_level(logging.WARNING, logger="infra.storage")
+    outcome: dict = {}
+
+    def put(key: str):
+        try:
+            store.put_bytes(key, b"frames")
+            outcome[key] = "ok"
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcome[key] = exc
+
+    proxy.stall()
+    t = threading.Thread(target=put, args=("a",))
+    t.start()
+    proxy.wait_until(lambda s: s.held >= 2)  # the first try timed out and a second one came
+    proxy.restore()
+    t.join(timeout=60)
+    assert outcome == {"a": "ok"} and store.get_bytes("a") == b"frames"
+    assert any("S3 PutObject" in r.message and "try 1 of 3; retrying" in r.message for r in caplog.records)
+
+    proxy.stall()  # for good: every try times out
+    t = threading.Thread(target=put, args=("b",))
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and "timeout" in str(outcome["b"]).lower()
+    assert any("try 3 of 3; giving up" in r.message for r in caplog.records)
+    proxy.restore()  # (the held tries may still land now, as over a real network: keys are idempotent)
+
+
+def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch(s3_behind_proxy, proxy, tmp_path):
+    _, admin, bucket = s3_behind_proxy
+    out, uri = "out", f"s3://{bucket}/out"
+
+    # A: S3 stalls at the upload of the second segment, for longer than a request may wait;
+    # the upload times out, is tried again, and once S3 answers the render ends exact.
+    proxy.on_request(_segment_upload(bucket, out), "stall", nth=2)
+    held = threading.Event()
+
+    def restore_after_a_retry():
+        proxy.wait_until(lambda s: s.matched >= 3)  # the stalled upload, tried again
+        held.set()
+        proxy.restore()
+
+    restorer = threading.Thread(target=restore_after_a_retry, daemon=True)
+    restorer.start()
+    render(pattern_latents(5, 96, 128), uri, shard_latents=2, workers=1, **PATTERN)
+    restorer.join(timeout=10)
+    assert held.is_set()
+    first = _published(admin, bucket, out)
+    assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
+
+    # B: S3 is cut at its second segment's upload and stays cut. The job fails in bounded time
+    # with one line that names the endpoint (the CLI prints it after "framefarm: job failed:"),
+    # and the render published before stays whole.
+    proxy.reset()
+    proxy.on_request(_segment_upload(bucket, out), "cut", nth=2)
+    job_b = {"shard_latents": 3, "workers": 2, "overwrite": True, "decoder": {"name": "test-pattern"}}
+    with pytest.raises(Exception) as failed:
+        submit(pattern_latents(13, 96, 128), uri, max_attempts=2, **job_b).wait(timeout=300)
+    line = f"{type(failed.value).__name__}: {failed.value}"
+    print(f"\njob B failed with: {line}")
+    assert "\n" not in line and proxy.url in line and "ray::" not in line
+    proxy.restore()
+    assert _published(admin, bucket, out) == first
+    assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
+
+    # B again from this process at once, S3 whole (the lease B could not delete is no longer
+    # held: no wait for its expiry). Segments committed before the cut are reused, the video is
+    # exact, and OUTPUT holds B's render and nothing else: A's files, B's segments, the lease,
+    # unfinished uploads all gone.
+    committed = [k for k in _keys(admin, bucket, f"{out}/segments/") if k.endswith(".json")]
+    result = submit(pattern_latents(13, 96, 128), uri, **job_b).wait(timeout=300)
+    assert result.summary["reused_shards"] == len(committed)
+    assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(13)))
+    prefix = f"{out}/{_published(admin, bucket, out)['prefix']}"
+    assert _keys(admin, bucket, f"{out}/") == sorted(
+        [f"{out}/render.json"] + [f"{prefix}/{name}" for name in
+                                  ("video.mp4", "manifest.parquet", "summary.json", "timeline.json", "render.json")])
+    assert not admin.list_multipart_uploads(Bucket=bucket, Prefix=f"{out}/").get("Uploads")
