@@ -203,7 +203,9 @@ class _CudaDevice:
             buf = self.ring[slot] = torch.empty((max(4, n), *frames.shape[1:]), dtype=torch.uint8,
                                                 pin_memory=True)
         copy_begin = torch.cuda.Event(enable_timing=True)
-        copy_done = torch.cuda.Event(enable_timing=True)
+        # Blocking: the host thread waits on it for most of a shard, and a spinning wait would
+        # take a whole core from the encoders beside it.
+        copy_done = torch.cuda.Event(enable_timing=True, blocking=True)
         with torch.cuda.stream(self.copy):
             self.copy.wait_event(self.spans[-1][1])  # compute-done before the copy
             copy_begin.record(self.copy)

@@ -18,6 +18,7 @@ and writes every number as JSON (--json).
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 
 import torch
@@ -37,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=parse_size, default=(1280, 720), help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument("--latent-frames", type=int, default=41, help="default: 41 (161 frames)")
     p.add_argument("--runs", type=int, default=3, help="runs in a row (default: 3)")
-    p.add_argument("--variants", type=parse_list, default=["a", "c", "d"], help="subset of a,c,d (default: all)")
+    p.add_argument("--variants", type=parse_list, default=["a", "c", "c1", "d"],
+                   help="subset of a,c,c1,d (default: all); c1 is (c) with one libx264 encoder, for bytes")
     p.add_argument("--parts", default="auto",
                    help="the mp4 sink's parts for (c): auto (as a worker chooses), or a count; 1: one encoder")
     p.add_argument("--crf", type=int, default=18)
@@ -45,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=2, help="the pipeline's ring of host buffers (default: 2)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    if not set(args.variants) <= {"a", "c", "d"}:
-        p.error("--variants is a subset of a,c,d")
+    if not set(args.variants) <= {"a", "c", "c1", "d"}:
+        p.error("--variants is a subset of a,c,c1,d")
     if args.parts != "auto" and not (args.parts.isdigit() and int(args.parts) >= 1):
         p.error("--parts is 'auto' or a count >= 1")
     if args.runs < 1 or args.latent_frames < 1:
@@ -78,19 +80,33 @@ def variant_a(vae, latents: torch.Tensor, device: torch.device, path: str, args)
             "bytes": result.bytes, "peak_gpu_bytes": peak_bytes(device)}
 
 
-def variant_c(decoder, latents: torch.Tensor, device: torch.device, path: str, args, ring: list) -> dict:
-    """The product's path: the frame pipeline into the sink a worker would open."""
+def variant_c(decoder, latents: torch.Tensor, device: torch.device, path: str, args, ring: list,
+              parts: str | None = None) -> dict:
+    """The product's path: the frame pipeline into the sink a worker would open.
+
+    `parts`: the sink's, overriding --parts ("1" for variant c1). cpu_s is this process's CPU
+    time over the run, every thread: against wall_s x cores it says whether the host's cores
+    were all busy (the encoders' work exceeding them) or the host merely lagged.
+    """
     reset_peak(device)
     frames = 1 + 4 * (latents.shape[1] - 1)
+    cpu0 = _cpu_s()
     with stopwatch() as total:
         z = latents.to(device)
         sink = _mp4(path, latents.shape[3] * decoder.spatial_scale, latents.shape[2] * decoder.spatial_scale,
-                    frames, args, args.parts)
+                    frames, args, parts or args.parts)
         report, result = run_pipeline(decoder.stream(z), sink, depth=args.depth, device=device, ring=ring)
+    cpu = _cpu_s() - cpu0
     d = report.as_dict()
     d.update(wall_s=total["s"], bytes=result.bytes, frames=result.frames, peak_gpu_bytes=peak_bytes(device),
-             parts=len(getattr(sink, "sizes", [frames])))
+             parts=len(getattr(sink, "sizes", [frames])), cpu_s=cpu,
+             cores_busy=cpu / total["s"], cores=available_cores())
     return d
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def variant_d(decoder, latents: torch.Tensor, device: torch.device) -> dict:
@@ -142,12 +158,19 @@ def main(argv=None) -> int:
             row["a"] = variant_a(vae, latents, device, os.path.join(tmp, f"a{run}.mp4"), args)
         if "c" in args.variants:
             row["c"] = variant_c(decoder, latents, device, os.path.join(tmp, f"c{run}.mp4"), args, ring)
+        if "c1" in args.variants:
+            row["c1"] = variant_c(decoder, latents, device, os.path.join(tmp, f"c1-{run}.mp4"), args, ring, "1")
         if "d" in args.variants:
             row["d"] = variant_d(decoder, latents, device)
         if "a" in row and "c" in row:
             row["a_over_c"] = row["a"]["wall_s"] / row["c"]["wall_s"]
         if "c" in row and "d" in row:
             row["c_over_d"] = row["c"]["wall_s"] / row["d"]["wall_s"]
+        if "c" in row and "c1" in row:
+            row["c_bytes_over_one_encoder"] = row["c"]["bytes"] / row["c1"]["bytes"]
+        for k in ("c", "c1"):
+            if k in row:
+                os.remove(os.path.join(tmp, f"c{run}.mp4" if k == "c" else f"c1-{run}.mp4"))
         results["runs"].append(row)
         write_json(args.json, results)
         _print_run(row, args, width, height)
@@ -163,17 +186,21 @@ def main(argv=None) -> int:
 def _print_run(row: dict, args, width: int, height: int) -> None:
     print(f"\nrun {row['run']}: {width}x{height} x {args.latent_frames} latent frames", flush=True)
     names = {"a": "(a) diffusers fp32 decode + encode", "c": "(c) framefarm bf16 pipeline",
-             "d": "(d) framefarm bf16 decode alone"}
+             "c1": "(c) with one libx264 encoder", "d": "(d) framefarm bf16 decode alone"}
     table = []
-    for k in "acd":
+    for k in ("a", "c", "c1", "d"):
         if k in row:
             r = row[k]
             table.append({"variant": names[k], "wall_s": r["wall_s"], "util": r.get("gpu_utilization"),
                           "peak": r["peak_gpu_bytes"] / 2**30, "bottleneck": r.get("bottleneck"),
+                          "flush": r.get("flush_s"), "cores_busy": r.get("cores_busy"),
                           "parts": r.get("parts"), "bytes": r.get("bytes")})
     print_table(table, [("variant", "variant", ""), ("wall_s", "wall s", ".2f"), ("util", "GPU busy", ".1%"),
-                        ("peak", "peak GiB", ".2f"), ("bottleneck", "bottleneck", ""), ("parts", "parts", "d"),
-                        ("bytes", "bytes", "d")])
+                        ("peak", "peak GiB", ".2f"), ("bottleneck", "bottleneck", ""),
+                        ("flush", "after last frame s", ".2f"), ("cores_busy", "CPU cores busy", ".1f"),
+                        ("parts", "parts", "d"), ("bytes", "bytes", "d")])
+    if "c_bytes_over_one_encoder" in row:
+        print(f"  (c) bytes / one encoder's: {row['c_bytes_over_one_encoder']:.4f}")
     ratios = []
     if "a_over_c" in row:
         ratios.append(f"(a)/(c) = {row['a_over_c']:.3f} (target >= {A_OVER_C_TARGET})")

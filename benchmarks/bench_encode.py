@@ -131,6 +131,7 @@ def main(argv=None) -> int:
             for key in ("wall_s", "tail_s", "fps", "cpu_s", "frames_per_cpu_s", "bytes", "over_arrival"):
                 values = [r[key] for r in runs if r[key] is not None]
                 row[key] = statistics.median(values) if values else None
+            row["bytes"] = int(row["bytes"])
             results["rows"].append(row)
             write_json(args.json, results)
     for mode in ("offline", "paced"):

@@ -25,7 +25,7 @@ def test_bench_takes_the_gpu_commands_options():
 
     args = parse_args(["--size", "1280x720", "--latent-frames", "41", "--runs", "3", "--json", "r.json"])
     assert (args.size, args.latent_frames, args.runs, args.json, args.variants) == (
-        (1280, 720), 41, 3, "r.json", ["a", "c", "d"])
+        (1280, 720), 41, 3, "r.json", ["a", "c", "c1", "d"])
 
 
 def test_bench_encode_runs_tiny_and_compares_bytes(tmp_path):
