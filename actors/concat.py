@@ -24,7 +24,7 @@ from fractions import Fraction
 
 import av
 
-from actors.protocol import check_format
+from actors.segments import check_format
 from infra.staged import Staged
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -138,6 +138,7 @@ class StreamingConcat:
         self._template: tuple | None = None
         self._last_dts: int | None = None  # of the last packet, in the output's time base
         self._delay: int | None = None  # the output's decode delay in frames (the first segment's)
+        self._linked = False  # the output is a lone segment's own file (`link`)
 
     def append(self, segment_path: str, expected_frames: int | None, layout: SegmentLayout | None = None, *,
                data: bytes | None = None) -> int:
@@ -147,6 +148,8 @@ class StreamingConcat:
         `data`: the segment's bytes in memory (mp4/mkv), named by `segment_path`.
         """
         self._check_open()
+        if self._linked:
+            raise RuntimeError(f"{self.path}: the output is a linked segment; nothing can follow it")
         start = time.perf_counter()
         try:
             if layout is None:
@@ -170,6 +173,33 @@ class StreamingConcat:
         self.frames += count
         self.segments += 1
         return count
+
+    def link(self, segment_path: str, expected_frames: int | None, layout: SegmentLayout) -> bool:
+        """Make a lone segment the whole output as it is: a hard link to its file, no byte read
+        or written (remuxing a 720p segment of 321 frames, 111 MB, and flushing the copy to
+        disk is most of a one-shard job's stitch). False, with nothing changed, where the
+        filesystem refuses the link (another device, no hard links) or for png: then
+        `append` it. Nothing can be appended after it, which would write into the segment.
+
+        `layout` is `inspect_segment`'s result for this very file, as for `append`.
+        """
+        self._check_open()
+        if self.segments or self.fmt == "png":
+            return False
+        if layout.path != segment_path:
+            raise ValueError(f"layout of {layout.path} given for {segment_path}")
+        _check_count(segment_path, layout.frames, expected_frames)
+        start = time.perf_counter()
+        try:
+            os.link(segment_path, self._tmp)
+        except OSError:
+            return False
+        finally:
+            self._seconds += time.perf_counter() - start
+        self._linked = True
+        self.frames += layout.frames
+        self.segments += 1
+        return True
 
     def close(self) -> ConcatResult:
         self._check_open()

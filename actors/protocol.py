@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Torch-free, for the stitcher's process; re-exported here as part of the vocabulary.
+from actors.segments import FORMATS, Format, Segment, check_format, segment_suffix, video_name  # noqa: F401
 from actors.startup import StartupReport
 
 TEMPORAL_SCALE = 4
 
 DecoderName = Literal["wan2.1", "wan2.2-ti2v", "test-pattern"]
-Format = Literal["mp4", "ffv1", "png"]
-FORMATS: tuple[str, ...] = get_args(Format)
 
 
 class InputError(ValueError):
@@ -100,21 +100,6 @@ class Shard:
 
 
 # -- output names -----------------------------------------------------------------------------
-
-
-def check_format(fmt: str) -> str:
-    """`fmt` if it is a known output format ("mkv" is accepted as FFV1's container)."""
-    if fmt not in FORMATS and fmt != "mkv":
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return fmt
-
-
-def segment_suffix(fmt: str) -> str:
-    return {"mp4": ".mp4", "ffv1": ".mkv", "mkv": ".mkv", "png": ".tar"}[check_format(fmt)]
-
-
-def video_name(fmt: str) -> str:
-    return {"mp4": "video.mp4", "ffv1": "video.mkv", "mkv": "video.mkv", "png": "frames"}[check_format(fmt)]
 
 
 def segment_key(fingerprint: str, shard: Shard, fmt: str) -> str:
@@ -398,17 +383,6 @@ class PipelineReport:
     def from_dict(cls, d: dict) -> PipelineReport:
         """The inverse of `as_dict` (derived values are recomputed, not read)."""
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A committed segment file, as the stitcher verifies and joins it."""
-
-    index: int  # the shard's
-    key: str  # under the job's output prefix
-    frames: int
-    bytes: int
-    sha256: str
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""The Ray actor classes: thin wrappers over workers that run without Ray.
+"""The decode worker's Ray actor class: a thin wrapper over a worker that runs without Ray.
 
-Everything Ray-specific on the node side is here: resource requests, metrics, the GPU id
-Ray assigned. The driver talks to these only through `cluster.dispatch`.
+Everything Ray-specific of a decode worker is here: resource requests, metrics, the GPU id
+Ray assigned. The driver talks to it only through `cluster.dispatch`. The stitcher's actor
+is in `actors.stitcher_actor`, whose process need not import any of this.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 # A Ray worker imports this module to build its actor: the heavy imports below (torch,
@@ -17,8 +17,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
-from actors.stitcher import Stitcher  # noqa: E402
-from actors.protocol import LatentSlice, Segment, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
+from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.startup import StartupClock, process_started_at  # noqa: E402
 from actors.worker import ShardWorker  # noqa: E402
 
@@ -70,23 +69,6 @@ class _DecodeWorker:
         return record
 
 
-class _StitcherActor:
-    def __init__(self, output_uri: str, fmt: str, fps: int, shard_count: int, video_prefix: str = ""):
-        self.stitcher = Stitcher(output_uri, fmt, fps, shard_count, video_prefix=video_prefix)
-
-    def describe(self) -> dict:
-        return {"pid": os.getpid()}
-
-    def add(self, segment: Segment) -> int:
-        return self.stitcher.add(segment)
-
-    def finish(self) -> dict:
-        return self.stitcher.finish()
-
-    def abort(self) -> None:
-        self.stitcher.abort()
-
-
 def decode_worker_class(use_gpu: bool, cpus: int = 1):
     """The DecodeWorker actor class: one GPU each, or CPUs where the cluster has no GPUs."""
     # A "watch" group of its own: progress() answers while render_shard runs, which the
@@ -94,6 +76,3 @@ def decode_worker_class(use_gpu: bool, cpus: int = 1):
     return ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cpus,
                       concurrency_groups={"watch": 1})(_DecodeWorker)
 
-
-# The stitcher only remuxes and moves bytes: it takes no CPU slot a decoder could use.
-StitcherActor = ray.remote(num_cpus=0)(_StitcherActor)

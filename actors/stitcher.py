@@ -1,12 +1,13 @@
 """The stitcher: a job's segments joined into its video, in shard order, as they land.
 
-`Stitcher` runs without Ray; `actors.ray_actors.StitcherActor` wraps it. Segments can
+`Stitcher` runs without Ray; `actors.stitcher_actor.StitcherActor` wraps it. Segments can
 arrive in any order. Each is verified the moment it arrives, in a pool of threads: fetched
 if remote, then its size, sha256 and frame count and timestamps checked (hash and
 inspection side by side, each reading the file once). One appender thread joins verified
 segments to the output in shard order. So stitching streams alongside decoding, and when
 several shards finish at once (a balanced plan makes them) their verification runs in
 parallel instead of one after another, leaving only the remux itself after the last shard.
+A job of one shard has nothing to join: its segment is hard-linked as the video (no copy).
 
 Errors travel as values: a failed segment's exception is kept and raised by the next
 `add`, by `finish`, or by `wait_appended`.
@@ -22,7 +23,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from actors.protocol import Segment, video_name
+from actors.segments import Segment, video_name
 from actors.concat import SegmentLayout, StreamingConcat, inspect_segment
 from infra.checksum import sha256_file
 from infra.scratch import make_scratch, sweep_stale
@@ -239,7 +240,9 @@ class Stitcher:
                             if self._stop:
                                 return
                 try:
-                    self.concat.append(seg.path, seg.segment.frames, seg.layout)
+                    # A one-shard job's segment is its video already: linked, not copied.
+                    if not (self.shard_count == 1 and self.concat.link(seg.path, seg.segment.frames, seg.layout)):
+                        self.concat.append(seg.path, seg.segment.frames, seg.layout)
                 finally:
                     self._discard(seg.path, seg.fetched)
                 with self._cond:

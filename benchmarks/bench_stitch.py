@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from actors.stitcher import Stitcher
-from actors.protocol import Segment
+from actors.segments import Segment
 from actors.sinks import count_frames, open_sink
 from actors.concat import StreamingConcat
 from benchmarks.common import machine, parser, write_json

@@ -14,7 +14,8 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.ray_actors import StitcherActor, decode_worker_class
+from actors.ray_actors import decode_worker_class
+from actors.stitcher_actor import StitcherActor
 
 log = logging.getLogger("framefarm")
 

@@ -565,12 +565,19 @@ class RenderJob:
     def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
         """Step 5 after the video: manifest, timeline, summary; then drop the segments."""
         spec, pool = self.spec, self.pool
-        wall = time.time() - t_job
+        prefix = render_prefix(job_id)
         rows = manifest_rows(all_metas, segments_kept=spec.keep_segments)
+        store.put_bytes(f"{prefix}/manifest.parquet", manifest_parquet(rows))
+        store.put_bytes(f"{prefix}/timeline.json",
+                        chrome_trace(all_metas, t_job, stitch, self._clock.phases, render=job_id))
+        # The job's time ends here, with everything but its summary written: what follows
+        # (the summary, publishing by renames, deleting segments) cannot be in the summary.
+        wall = time.time() - t_job
         summary = summarize(all_metas, frames=plan.frame_count, fps=spec.fps, wall_s=wall,
                             workers=pool.workers_used(all_metas),
                             use_gpu=pool.use_gpu, price_per_gpu_hour=spec.price_per_gpu_hour,
                             plan_overhead=plan.overhead, stitch=stitch, job_started=t_job,
+                            driver_phases=self._clock.phases,
                             extra={"job_id": job_id, "latent_frames": plan.latent_frames,
                                    "context": plan.context, "context_mode": spec.context_mode,
                                    "farm": pool.farm,
@@ -579,14 +586,10 @@ class RenderJob:
                                    "format": spec.format, "stalled_shards": self.stalled_shards,
                                    "decoded_latent_frames": sum(m.shard.decoded_latent_frames
                                                                 for m in all_metas if not m.reused)})
-        prefix = render_prefix(job_id)
         local = store.local_path(stitch["key"]) is not None
         # What a reader opens: the view locally (OUTPUT/video.mp4), the render's own key on S3.
         summary["video"] = stitch["video"] if local else f"{prefix}/{stitch['video']}"
         summary["render"] = job_id
-        store.put_bytes(f"{prefix}/manifest.parquet", manifest_parquet(rows))
-        store.put_bytes(f"{prefix}/timeline.json",
-                        chrome_trace(all_metas, t_job, stitch, self._clock.phases, render=job_id))
         store.put_bytes(f"{prefix}/summary.json", json.dumps(summary, indent=2).encode())
         record = make_record(store, job_id, stitch["video"], plan.frame_count)
         self._lease.check()  # a job taken over while it stalled must not publish over the new holder

@@ -99,7 +99,13 @@ def startup_summary(records: list[SegmentRecord], job_started: float) -> dict:
 
 def summarize(records: list[SegmentRecord], *, frames: int, fps: int, wall_s: float, workers: int, use_gpu: bool,
               price_per_gpu_hour: float, plan_overhead: float, stitch: dict, extra: dict | None = None,
-              job_started: float | None = None) -> dict:
+              job_started: float | None = None, driver_phases: list[Phase] = ()) -> dict:
+    """The job's figures. Its time (`wall_seconds`) runs from `job_started`, the driver's first
+    step of the job (reading its input), to its render written but for this summary, ready
+    to publish. Before it, a driver process of its own (the CLI, `ray job submit`) started
+    Python and imported framefarm: the "driver start" phase of `driver_phases`, reported
+    as `startup.driver_start_s` and drawn before zero on the timeline, outside the job's
+    time. After it: this summary's write, the publication (renames) and segment deletion."""
     fresh = [m for m in records if not m.reused]
     busy = sum(m.report.gpu_busy_s for m in fresh)
     in_shards = sum(m.report.gpu_span_s for m in fresh)
@@ -126,7 +132,11 @@ def summarize(records: list[SegmentRecord], *, frames: int, fps: int, wall_s: fl
         "video": stitch["video"], "video_bytes": stitch["bytes"],
     }
     if job_started is not None:
+        summary["started_at"] = job_started
         summary["startup"] = startup_summary(records, job_started)
+        before = [p for p in driver_phases if p.start < job_started]
+        summary["startup"]["driver_start_s"] = job_started - min(p.start for p in before) if before else None
+        summary["startup"]["driver_phases_s"] = {p.name: round(p.seconds, 3) for p in driver_phases}
         summary["time_to_first_frame_s"] = summary["startup"]["time_to_first_frame_s"]
     summary.update(extra or {})
     return summary

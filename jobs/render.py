@@ -21,10 +21,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.protocol import InputError, RenderSpec
+from actors.startup import process_started_at
 from jobs.cli import add_model_options, describe_errors, model_input
 
 DEMO_OUTPUT = "framefarm-demo"
 POSITIONAL = ("latents", "output")
+DRIVER_START = "driver start (Python, imports)"
 
 
 class RunOptions(BaseModel):
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     job = RenderJob(spec, latents, progress=True, startup_timeout_s=run.startup_timeout)
     where = (os.path.abspath(spec.output) if "://" not in spec.output else spec.output).rstrip("/")
     previous = signal.signal(signal.SIGINT, _interrupt_once)
+    spawned = process_started_at()
+    if spawned is not None:
+        # Before the job's own first step: on its timeline, not in its time (cluster.report).
+        job.record_phase(DRIVER_START, spawned)
     try:
         job.prepare()  # bad input fails here, before Ray is started or joined
         t = time.time()

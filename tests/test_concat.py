@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from actors.decoders import read_index
-from actors.protocol import segment_suffix, video_name
+from actors.segments import segment_suffix, video_name
 from actors.sinks import count_frames, open_sink, read_frames
 from actors.concat import ConcatResult, StreamingConcat, concat_segments
 from tests.test_sinks import H, W, pattern_frames
@@ -180,3 +180,25 @@ def test_png_output_replaces_an_older_directory(tmp_path):
 
 def visible_names(directory) -> list[str]:
     return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_lone_segment_is_linked_not_copied_and_nothing_can_follow(tmp_path, fmt):
+    from actors.concat import inspect_segment
+
+    (segment,), _ = make_segments(tmp_path, fmt, (9,))
+    out = tmp_path / "out" / video_name(fmt)
+    concat = StreamingConcat(fmt, str(out), FPS)
+    linked = concat.link(segment, 9, inspect_segment(segment, fmt, FPS))
+    assert linked == (fmt != "png")  # png segments are tars: unpacked, never linked
+    if not linked:
+        concat.abort()
+        return
+    with pytest.raises(RuntimeError, match="linked"):
+        concat.append(segment, 9)  # would write into the segment's own file
+    assert not out.exists()
+    result = concat.close()
+    assert result.frames == 9 and os.path.samefile(out, segment)
+    assert [read_index(f) for f in read_frames(str(out), fmt)] == list(range(9))
+    os.remove(segment)  # the driver deletes segments once the video is published
+    assert count_frames(str(out), fmt) == 9

@@ -22,7 +22,10 @@ PACKAGES = (*RANKS, "benchmarks", "tests")
 # `actors.protocol` imports of framefarm only infra/ and these: pure modules (the standard
 # library only), so that the vocabulary stays light on both sides.
 PROTOCOL = "actors.protocol"
-PROTOCOL_MAY_IMPORT = {"actors.startup"}
+PROTOCOL_MAY_IMPORT = {"actors.startup", "actors.segments"}
+# Names a module re-exports from another as its own vocabulary (the stitcher's torch-free part
+# of actors.protocol lives in actors.segments); importing them from the re-exporter is fine.
+REEXPORTS = {"actors.protocol": "actors.segments"}
 
 
 def _modules() -> dict[str, Path]:
@@ -54,7 +57,7 @@ def _imports(tree: ast.Module) -> list[tuple[int, str, list[str]]]:
 
 def _defined(module: str) -> set[str]:
     """Names `module` defines at its top level (not those it merely imports)."""
-    names = set()
+    names = _defined(REEXPORTS[module]) if module in REEXPORTS else set()
     for node in ast.parse(MODULES[module].read_text()).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)

@@ -11,7 +11,7 @@ import pytest
 
 from actors.stitcher import Stitcher, SegmentError
 from actors.decoders import read_index
-from actors.protocol import Segment, video_name
+from actors.segments import Segment, video_name
 from actors.sinks import read_frames
 from infra.checksum import sha256_file
 from tests.test_concat import FPS, make_segments
@@ -43,6 +43,18 @@ def test_segments_arriving_out_of_order_give_every_frame_in_order(tmp_path, fmt)
     assert result["frames"] == sum(SIZES) and result["video"] == video_name(fmt)
     assert _indices(out, fmt) == list(range(sum(SIZES)))
     assert len(stitcher.appended_at) == len(SIZES)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "png"])
+def test_a_one_shard_job_links_its_segment_as_the_video(tmp_path, fmt):
+    out, metas = _store_segments(tmp_path, fmt, sizes=(9,))
+    stitcher = Stitcher(out, fmt, FPS, 1, scratch_dir=str(tmp_path))
+    stitcher.add(Segment(**metas[0]))
+    result = stitcher.finish()
+    assert result["frames"] == 9 and _indices(out, fmt) == list(range(9))
+    segment, video = os.path.join(out, metas[0]["key"]), os.path.join(out, video_name(fmt))
+    # mp4/mkv: the same file, no byte copied; png: unpacked from its tar
+    assert os.path.samefile(segment, video) == (fmt != "png")
 
 
 def test_segments_are_appended_as_they_land_not_at_finish(tmp_path):
