@@ -196,6 +196,71 @@ def test_replica_killed_mid_shard_costs_a_retry_not_the_job(warm_farm, tmp_path)
           f"job {result.summary['wall_seconds']:.1f} s, frame-exact")
 
 
+def test_jobs_from_threads_at_once_a_lost_replica_and_a_cancelled_job(warm_farm, tmp_path):
+    """Issue 12's shared-pool cases on the warm farm (ServicePool): jobs from several threads at
+    once all finish exact; a replica SIGKILLed under them is replaced once (Serve keeps the
+    deployment at its size, not one more per job that met it); cancelling one job ends none of
+    another job's shards."""
+    from ray import serve
+
+    from cluster.api import JobHandle
+    from cluster.dispatch import JobCancelled
+    from cluster.driver import RenderJob
+    from actors.protocol import RenderSpec
+
+    def job(name: str, latent_frames: int, shard_latents: int, on_event=None) -> RenderJob:
+        spec = RenderSpec(output=str(tmp_path / name), decoder={"name": "test-pattern"}, shard_latents=shard_latents,
+                          device="cuda", format="ffv1")
+        return RenderJob(spec, pattern_latents(latent_frames, 96, 128), progress=False, use_farm=True,
+                         on_event=on_event)
+
+    first_done, killed = threading.Event(), []
+
+    def kill_a_replica_once(kind, info):
+        if kind == "done" and not first_done.is_set():
+            first_done.set()
+            os.kill(info.worker.pid, signal.SIGKILL)
+            killed.append(info.worker.pid)
+
+    sizes = {"t0": 9, "t1": 11, "t2": 13}
+    handles = {name: JobHandle(job(name, n, 2, kill_a_replica_once if name == "t0" else None))
+               for name, n in sizes.items()}
+    results = {name: h.wait(timeout=600) for name, h in handles.items()}
+    assert killed and all(exact(str(tmp_path / name), n, "ffv1") for name, n in sizes.items())
+    retried = sum(r.summary["retried_shards"] for r in results.values())
+
+    def replicas() -> dict:
+        return dict(serve.status().applications["framefarm"].deployments[WORKER].replica_states)
+
+    deadline = time.monotonic() + 300
+    while replicas() != {"RUNNING": CAPACITY}:  # polling Serve's state, with a deadline
+        assert time.monotonic() < deadline, replicas()
+        time.sleep(0.5)
+
+    # A long job of many small shards and a short one, side by side; the long one is cancelled
+    # while both have shards on the farm.
+    long_running, short_running, short_events = threading.Event(), threading.Event(), []
+    long_job = JobHandle(job("long", 600, 20, lambda kind, info: long_running.set() if kind == "dispatch" else None))
+    assert long_running.wait(timeout=300)
+
+    def on_short(kind, info):
+        short_events.append(kind)
+        if kind == "dispatch":
+            short_running.set()
+
+    short_job = JobHandle(job("short", 9, 3, on_short))
+    assert short_running.wait(timeout=300)
+    assert long_job.cancel(timeout=120)
+    with pytest.raises(JobCancelled):
+        long_job.wait(timeout=1)
+    short = short_job.wait(timeout=300)
+    assert "retry" not in short_events and short.summary["retried_shards"] == 0
+    assert exact(str(tmp_path / "short"), 9, "ffv1")
+    assert not os.path.exists(tmp_path / "long" / "video.mkv")
+    print(f"\nthree jobs at once, replica {killed[0]} killed under them: {retried} shard(s) retried, "
+          f"replicas after {replicas()}; cancelled the long job, the short one ran {len(short_events)} events, no retry")
+
+
 def test_idle_farm_scales_to_zero_replicas(warm_farm):
     from ray import serve
 
