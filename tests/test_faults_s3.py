@@ -79,15 +79,22 @@ def _published(admin, bucket: str, out: str) -> dict:
 
 
 def _indices(admin, bucket: str, out: str, tmp_path) -> list[int]:
+    """The frames OUTPUT shows (a PNG render's), by their test-pattern indices."""
     record = _published(admin, bucket, out)
     summary = json.loads(admin.get_object(Bucket=bucket, Key=f"{out}/{record['prefix']}/summary.json")["Body"].read())
-    path = tmp_path / f"{record['job_id']}.mp4"
-    admin.download_file(bucket, f"{out}/{summary['video']}", str(path))
-    return [read_index(f) for f in read_frames(str(path), "mp4")]
+    folder = tmp_path / f"frames-{record['job_id']}"
+    folder.mkdir(exist_ok=True)
+    for key in _keys(admin, bucket, f"{out}/{summary['video']}/"):
+        admin.download_file(bucket, key, str(folder / key.rsplit("/", 1)[1]))
+    return [read_index(f) for f in read_frames(str(folder), "png")]
 
 
 def _segment_upload(bucket: str, out: str) -> bytes:
-    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/segments/\S+\.mp4 "
+    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/segments/\S+\.tar "
+
+
+def _frame_upload(bucket: str, out: str) -> bytes:
+    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/renders/\w+/frames/\d+\.png "
 
 
 def test_a_stalled_request_times_out_and_is_retried_with_a_log_line(s3_behind_proxy, proxy, caplog):
@@ -125,8 +132,11 @@ def test_a_stalled_request_times_out_and_is_retried_with_a_log_line(s3_behind_pr
 
 
 def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch(s3_behind_proxy, proxy, tmp_path):
+    """PNG renders, whose frames are many objects: the issue's case of a re-render that failed
+    mid-upload leaving new frames beside old ones."""
     _, admin, bucket = s3_behind_proxy
     out, uri = "out", f"s3://{bucket}/out"
+    job_b = {"shard_latents": 3, "workers": 2, "overwrite": True, "format": "png", "decoder": {"name": "test-pattern"}}
 
     # A: S3 stalls at the upload of the second segment, for longer than a request may wait;
     # the upload times out, is tried again, and once S3 answers the render ends exact.
@@ -140,37 +150,42 @@ def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch
 
     restorer = threading.Thread(target=restore_after_a_retry, daemon=True)
     restorer.start()
-    render(pattern_latents(5, 96, 128), uri, shard_latents=2, workers=1, **PATTERN)
+    render(pattern_latents(5, 96, 128), uri, shard_latents=2, workers=1, format="png", **PATTERN)
     restorer.join(timeout=10)
     assert held.is_set()
     first = _published(admin, bucket, out)
     assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
+    first_keys = _keys(admin, bucket, f"{out}/{first['prefix']}/")
 
-    # B: S3 is cut at its second segment's upload and stays cut. The job fails in bounded time
-    # with one line that names the endpoint (the CLI prints it after "framefarm: job failed:"),
-    # and the render published before stays whole.
-    proxy.reset()
-    proxy.on_request(_segment_upload(bucket, out), "cut", nth=2)
-    job_b = {"shard_latents": 3, "workers": 2, "overwrite": True, "decoder": {"name": "test-pattern"}}
-    with pytest.raises(Exception) as failed:
-        submit(pattern_latents(13, 96, 128), uri, max_attempts=2, **job_b).wait(timeout=300)
-    line = f"{type(failed.value).__name__}: {failed.value}"
-    print(f"\njob B failed with: {line}")
-    assert "\n" not in line and proxy.url in line and "ray::" not in line
-    proxy.restore()
-    assert _published(admin, bucket, out) == first
-    assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
+    # B: S3 cut for good, first at a worker's upload of its second segment, then (B again)
+    # at the stitcher's upload of the fifth frame of the video. Each time the job fails in
+    # bounded time with one line that names the endpoint (the CLI prints it after
+    # "framefarm: job failed:"), and A stays published and whole.
+    for where in (_segment_upload(bucket, out), _frame_upload(bucket, out)):
+        proxy.reset()
+        proxy.on_request(where, "cut", nth=2 if where.endswith(rb"\.tar ") else 5)
+        with pytest.raises(Exception) as failed:
+            submit(pattern_latents(13, 96, 128), uri, max_attempts=2, **job_b).wait(timeout=300)
+        line = f"{type(failed.value).__name__}: {failed.value}"
+        print(f"\njob B, S3 cut at {where.decode()!r}, failed with: {line}")
+        assert proxy.stats.shut + proxy.stats.refused > 0  # the cut was met
+        assert "\n" not in line and proxy.url in line and "ray::" not in line
+        proxy.restore()
+        assert _published(admin, bucket, out) == first
+        assert _keys(admin, bucket, f"{out}/{first['prefix']}/") == first_keys
+        assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
 
     # B again from this process at once, S3 whole (the lease B could not delete is no longer
-    # held: no wait for its expiry). Segments committed before the cut are reused, the video is
-    # exact, and OUTPUT holds B's render and nothing else: A's files, B's segments, the lease,
-    # unfinished uploads all gone.
+    # held: no wait for its expiry). Segments committed before the cuts are reused, the frames
+    # are exact, and OUTPUT holds B's render and nothing else: A's files, B's segments and
+    # half-uploaded frames, the lease, unfinished uploads all gone.
     committed = [k for k in _keys(admin, bucket, f"{out}/segments/") if k.endswith(".json")]
     result = submit(pattern_latents(13, 96, 128), uri, **job_b).wait(timeout=300)
-    assert result.summary["reused_shards"] == len(committed)
+    assert result.summary["reused_shards"] == len(committed) > 0
     assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(13)))
     prefix = f"{out}/{_published(admin, bucket, out)['prefix']}"
     assert _keys(admin, bucket, f"{out}/") == sorted(
         [f"{out}/render.json"] + [f"{prefix}/{name}" for name in
-                                  ("video.mp4", "manifest.parquet", "summary.json", "timeline.json", "render.json")])
+                                  ("manifest.parquet", "summary.json", "timeline.json", "render.json")]
+        + [f"{prefix}/frames/{i:06d}.png" for i in range(pixel_frames(13))])
     assert not admin.list_multipart_uploads(Bucket=bucket, Prefix=f"{out}/").get("Uploads")
