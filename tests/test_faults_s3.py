@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from urllib.parse import urlparse
 
 import boto3
@@ -24,6 +25,7 @@ from actors.decoders import pattern_latents, read_index
 from actors.protocol import pixel_frames
 from actors.sinks import read_frames
 from cluster.api import render, submit
+from infra.lease import Lease, LeaseLost, Renewer
 from infra.storage import S3Store, S3Timeouts
 from tests.faultproxy import FaultProxy
 from tests.s3server import AWS_ENV_TO_CLEAR, fake_aws_env, moto_server, unique_bucket
@@ -129,6 +131,26 @@ def test_a_stalled_request_times_out_and_is_retried_with_a_log_line(s3_behind_pr
     assert not t.is_alive() and "timeout" in str(outcome["b"]).lower()
     assert any("try 3 of 3; giving up" in r.message for r in caplog.records)
     proxy.restore()  # (the held tries may still land now, as over a real network: keys are idempotent)
+
+
+def test_a_lease_that_cannot_be_renewed_is_given_up_by_its_expiry(s3_behind_proxy, proxy):
+    """S3 cut under a running job: its lease renewal fails, is retried, and the job is told to
+    stop once the lease would expire (another job may then take OUTPUT over)."""
+    _, _, bucket = s3_behind_proxy
+    store = S3Store(bucket, "leased", endpoint_url=proxy.url, timeouts=S3Timeouts(connect_s=1, read_s=1, max_attempts=2))
+    lease = Lease.acquire(store, "job-a", ttl_s=4)
+    lost, seen = threading.Event(), []
+    renewer = Renewer(lease, lambda exc: (seen.append((time.time(), exc)), lost.set()))
+    try:
+        proxy.wait_until(lambda s: s.requests >= 3)  # acquired, then renewed through the proxy
+        cut_at = time.time()
+        proxy.cut()
+        assert lost.wait(timeout=60)
+    finally:
+        renewer.stop()
+    when, exc = seen[0]
+    assert isinstance(exc, LeaseLost) and "could not renew the lease" in str(exc)
+    assert when - cut_at < lease.ttl_s + 3  # by its expiry, give or take one try
 
 
 def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch(s3_behind_proxy, proxy, tmp_path):
