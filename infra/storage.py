@@ -16,9 +16,11 @@ boto3 is imported only when an S3Store is built: the local path must work on mac
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -394,6 +396,50 @@ class _RetryLog:
         return None
 
 
+def _portable(exc: BaseException) -> BaseException:
+    """`exc`, or the same error in a form that pickles. botocore's connection errors keep the
+    request they failed on, whose body is an open file: raised in a Ray worker, Ray cannot send
+    them to the driver and puts its own multi-line RayError in their place (which the driver
+    can neither retry nor report in one line)."""
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:  # noqa: BLE001 - anything that stops it pickling
+        pass
+    kwargs = {k: v if _pickles(v) else repr(v) for k, v in (getattr(exc, "kwargs", None) or {}).items()
+              if k != "request"}
+    try:
+        portable = type(exc)(**kwargs)
+        pickle.dumps(portable)
+    except Exception:  # noqa: BLE001 - not a botocore-style error: keep its words
+        portable = ConnectionError(f"{type(exc).__name__}: {exc}")
+    return portable.with_traceback(exc.__traceback__)
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _portable_errors(method):
+    """Errors of an S3Store method leave it in a form that pickles (see `_portable`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            portable = _portable(exc)
+            if portable is exc:
+                raise
+            raise portable from None
+
+    return wrapper
+
+
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _FORBIDDEN_CODES = {"403", "AccessDenied", "Forbidden"}
 
@@ -517,6 +563,7 @@ class S3Store:
         uri = self.uri_for(key)
         return FileNotFoundError(2, f"no object at {uri}", uri)
 
+    @_portable_errors
     def put_file(self, local_path: str | os.PathLike[str], key: str) -> None:
         src = os.fspath(local_path)
         if not os.path.isfile(src):
@@ -526,6 +573,7 @@ class S3Store:
         self._client.upload_file(src, self.bucket, self._key(key), Config=self._transfer)
         log.debug("uploaded %s to %s", src, self.uri_for(key))
 
+    @_portable_errors
     def get_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
         staged = Staged(local_path)
         try:
@@ -538,9 +586,11 @@ class S3Store:
                 raise err from e
             raise
 
+    @_portable_errors
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
 
+    @_portable_errors
     def create_bytes(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data), IfNoneMatch="*")
@@ -552,6 +602,7 @@ class S3Store:
             raise
         return True
 
+    @_portable_errors
     def get_bytes(self, key: str) -> bytes:
         # download_fileobj rather than get_object: s3transfer retries a body stream
         # that breaks mid-read and fetches large objects in parallel ranges.
@@ -600,15 +651,18 @@ class S3Store:
         # Keys sort lexicographically, so the key itself, if present, comes first.
         return contents[0] if contents and contents[0]["Key"] == full else None
 
+    @_portable_errors
     def exists(self, key: str) -> bool:
         return self._stat(key) is not None
 
+    @_portable_errors
     def size(self, key: str) -> int:
         stat = self._stat(key)
         if stat is None:
             raise self._missing(key)
         return int(stat["Size"])
 
+    @_portable_errors
     def list(self, prefix: str = "") -> list[str]:
         _check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
@@ -622,6 +676,7 @@ class S3Store:
                     keys.append(key)
         return sorted(keys)
 
+    @_portable_errors
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
@@ -635,6 +690,7 @@ class S3Store:
         check_key(key)
         return None
 
+    @_portable_errors
     def abort_uploads(self) -> list[str]:
         """Abort unfinished multipart uploads under this store's prefix (a process killed
         mid-upload leaves one: invisible, but stored and billed); returns their keys."""
@@ -654,6 +710,7 @@ class S3Store:
                         "must abort them", self.uri, _error_code(e))
         return aborted
 
+    @_portable_errors
     def check_location(self) -> None:
         # A one-key listing of the prefix: allowed under the job's least-privilege policy,
         # where HeadBucket may not be.

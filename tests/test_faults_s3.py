@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import threading
 import time
 from urllib.parse import urlparse
@@ -24,7 +25,7 @@ import ray
 from actors.decoders import pattern_latents, read_index
 from actors.protocol import pixel_frames
 from actors.sinks import read_frames
-from cluster.api import render, submit
+from cluster.api import Farm, render, submit
 from infra.lease import Lease, LeaseLost, Renewer
 from infra.storage import S3Store, S3Timeouts
 from tests.faultproxy import FaultProxy
@@ -91,8 +92,8 @@ def _indices(admin, bucket: str, out: str, tmp_path) -> list[int]:
     return [read_index(f) for f in read_frames(str(folder), "png")]
 
 
-def _segment_upload(bucket: str, out: str) -> bytes:
-    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/segments/\S+\.tar "
+def _segment_upload(bucket: str, out: str, shard: bytes = rb"\d+") -> bytes:
+    return rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/segments/\w+/" + shard + rb"_\S+\.tar "
 
 
 def _frame_upload(bucket: str, out: str) -> bytes:
@@ -132,6 +133,14 @@ def test_a_stalled_request_times_out_and_is_retried_with_a_log_line(s3_behind_pr
     assert any("try 3 of 3; giving up" in r.message for r in caplog.records)
     proxy.restore()  # (the held tries may still land now, as over a real network: keys are idempotent)
 
+    # Cut: botocore's error keeps the request and its open body; the store's error pickles
+    # (a worker's must reach the driver as itself, not as Ray's multi-line stand-in).
+    proxy.cut()
+    with pytest.raises(Exception) as cut:
+        store.put_bytes("c", b"frames")
+    back = pickle.loads(pickle.dumps(cut.value))
+    assert type(back) is type(cut.value) and str(back) == str(cut.value) and proxy.url in str(back)
+
 
 def test_a_lease_that_cannot_be_renewed_is_given_up_by_its_expiry(s3_behind_proxy, proxy):
     """S3 cut under a running job: its lease renewal fails, is retried, and the job is told to
@@ -158,21 +167,28 @@ def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch
     mid-upload leaving new frames beside old ones."""
     _, admin, bucket = s3_behind_proxy
     out, uri = "out", f"s3://{bucket}/out"
-    job_b = {"shard_latents": 3, "workers": 2, "overwrite": True, "format": "png", "decoder": {"name": "test-pattern"}}
+    farm = Farm(workers=2, device="cpu")  # one pool for the five runs below: worker start-up is most of a run
+    job_b = {"shard_latents": 3, "overwrite": True, "format": "png", "decoder": {"name": "test-pattern"}, "farm": farm}
+    try:
+        _stalled_then_cut(proxy, admin, bucket, out, uri, farm, job_b, tmp_path)
+    finally:
+        farm.close()
 
-    # A: S3 stalls at the upload of the second segment, for longer than a request may wait;
-    # the upload times out, is tried again, and once S3 answers the render ends exact.
-    proxy.on_request(_segment_upload(bucket, out), "stall", nth=2)
+
+def _stalled_then_cut(proxy, admin, bucket, out, uri, farm, job_b, tmp_path):
+    # A: S3 stalls at the upload of shard 1's segment, for longer than a request may wait; the
+    # upload times out, is tried again, and once S3 answers the render ends exact.
+    proxy.on_request(_segment_upload(bucket, out, shard=b"00001"), "stall")
     held = threading.Event()
 
     def restore_after_a_retry():
-        proxy.wait_until(lambda s: s.matched >= 3)  # the stalled upload, tried again
+        proxy.wait_until(lambda s: s.matched >= 2)  # the stalled upload, tried again
         held.set()
         proxy.restore()
 
     restorer = threading.Thread(target=restore_after_a_retry, daemon=True)
     restorer.start()
-    render(pattern_latents(5, 96, 128), uri, shard_latents=2, workers=1, format="png", **PATTERN)
+    render(pattern_latents(5, 96, 128), uri, shard_latents=2, format="png", farm=farm, **PATTERN)
     restorer.join(timeout=10)
     assert held.is_set()
     first = _published(admin, bucket, out)
