@@ -4,9 +4,10 @@
 frames (CFHW in [-1, 1]: 1 frame on a stream's first call, 4 after), continuing the
 stream whose causal history `state` (a `StreamState`) holds: per causal convolution, its
 last 2 input frames. The forward pass is written out here, layer by layer in diffusers'
-order, over the weights of diffusers' `AutoencoderKLWan` (the weight format, the loader
-and the test reference); its structure comes from `actors.wan_topology`, which also
-gives the receptive field, the context depths and the cost model.
+order, over the weights of diffusers' `AutoencoderKLWan` (the weight format and the test
+reference; diffusers itself is not imported here: a worker starts without it, see
+actors/wan_weights.py); its structure comes from `actors.wan_topology`, which also gives
+the receptive field, the context depths, the weights' shapes and the cost model.
 
 Pruned context is the same step told to run only its first `convs` causal convolutions:
 a context latent warms the history of the convs that a shard's first frames depend on
@@ -46,10 +47,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from actors.wan_topology import CACHE_FRAMES, Layer, Res, Topology, Up, topology, variant_name
-from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_wan_vae  # noqa: F401
+from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, random_decoder_weights, read_wan_vae  # noqa: F401
 EPS = 1e-12  # F.normalize's: a zero vector stays zero, as in diffusers
 # A probe sees (event, stage): "stage" where a stage begins, "conv" / "glue" around each
 # convolution, "end" after the step's last kernel (benchmarks time these with CUDA events).
@@ -393,8 +393,9 @@ class WanDecoder:
         self._fns = compiled_fns(self.options.compile_mode) if self.options.compile else _EAGER
 
     @classmethod
-    def from_vae(cls, vae: AutoencoderKLWan, device: str | torch.device = "cpu",
+    def from_vae(cls, vae: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, options: DecoderOptions | None = None) -> WanDecoder:
+        """The decoder over a diffusers `AutoencoderKLWan`'s config and weights (tests, benchmarks)."""
         return cls(vae.config, vae.state_dict(), device=device, dtype=dtype, options=options)
 
     def __repr__(self) -> str:
@@ -405,13 +406,14 @@ class WanDecoder:
         """Per layer name, its tensors on the device, in the step's layout; every decoder weight
         must be used, with the topology's shape."""
         used: set[str] = set()
+        expected = self.topology.weight_shapes()  # diffusers' shapes; `shape` below is the step's layout
 
         def get(key: str, shape: tuple[int, ...], fmt=None, dtype=None) -> torch.Tensor:
             if key not in weights:
                 raise ValueError(f"Wan VAE weights lack {key!r} (the config describes another decoder)")
             t = weights[key]
-            if t.numel() != torch.Size(shape).numel() or t.shape[0] != shape[0]:
-                raise ValueError(f"Wan VAE weight {key} has shape {tuple(t.shape)}, the config implies {shape}")
+            if tuple(t.shape) != expected[key]:
+                raise ValueError(f"Wan VAE weight {key} has shape {tuple(t.shape)}, the config implies {expected[key]}")
             used.add(key)
             t = t.detach().reshape(shape).to(self.device, dtype or self.dtype)
             return t.contiguous(memory_format=fmt) if fmt is not None else t
@@ -572,6 +574,22 @@ def tiny_wan_config(variant: str = "2.1") -> dict:
     }
 
 
+def wan21_config() -> dict:
+    """The Wan 2.1 VAE (used by Wan 2.1 and Wan 2.2 A14B): diffusers' `AutoencoderKLWan()`
+    default config, its latents_mean/std included, written out so that no diffusers import
+    is needed to build it."""
+    return {
+        "base_dim": 96, "decoder_base_dim": None, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+        "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0,
+        "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+        "is_residual": False, "in_channels": 3, "out_channels": 3, "patch_size": None,
+        "scale_factor_temporal": 4, "scale_factor_spatial": 8,
+    }
+
+
 def ti2v_config() -> dict:
     """The Wan 2.2 TI2V-5B VAE architecture (z_dim 48, patch_size 2, 16x spatial).
 
@@ -598,11 +616,11 @@ def ti2v_config() -> dict:
 def random_wan_decoder(config: dict | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32, seed: int = 0,
                        options: DecoderOptions | None = None) -> WanDecoder:
-    """A decoder with diffusers' default (random) init; `config=None` is the real Wan 2.1 VAE."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
-        torch.manual_seed(seed)
-        vae = AutoencoderKLWan.from_config(dict(config or {}))
-    return WanDecoder.from_vae(vae, device=device, dtype=dtype, options=options)
+    """A decoder with random weights (`wan_weights.random_decoder_weights`: PyTorch's default
+    init, as diffusers', but not diffusers' values for the same seed); `config=None` is the
+    Wan 2.1 VAE (`wan21_config`)."""
+    config = dict(config or wan21_config())
+    return WanDecoder(config, random_decoder_weights(config, seed), device=device, dtype=dtype, options=options)
 
 
 def load_wan_decoder(path: str | os.PathLike, device: str | torch.device = "cpu",

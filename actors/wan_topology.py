@@ -172,6 +172,32 @@ class Topology:
                                  s.depth_in, d)
         return tuple(out)
 
+    # -- weights -----------------------------------------------------------------------------
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor decoding reads, by diffusers' state-dict key, with its shape there.
+
+        The format is diffusers' (a 3-D conv's weight is (out, in, t, h, w); an RMS norm's
+        gain is (C, 1, 1, 1) before a 3-D conv, (C, 1, 1) in the attention block, whose 1x1
+        projections are 2-D convs); the weight loader checks a folder against this, and
+        tests check it against diffusers' own modules.
+        """
+        shapes: dict[str, tuple[int, ...]] = {}
+        for x in self.layers:
+            if x.kind in ("conv", "conv2d"):
+                shapes[f"{x.name}.weight"] = (x.out_channels, x.in_channels, *x.kernel)
+                shapes[f"{x.name}.bias"] = (x.out_channels,)
+            elif x.kind == "norm":
+                shapes[f"{x.name}.gamma"] = (x.in_channels, 1, 1, 1)
+            elif x.kind == "attention":
+                c = x.in_channels
+                shapes[f"{x.name}.norm.gamma"] = (c, 1, 1)
+                shapes[f"{x.name}.to_qkv.weight"] = (3 * c, c, 1, 1)
+                shapes[f"{x.name}.to_qkv.bias"] = (3 * c,)
+                shapes[f"{x.name}.proj.weight"] = (c, c, 1, 1)
+                shapes[f"{x.name}.proj.bias"] = (c,)
+        return shapes
+
     # -- cost ------------------------------------------------------------------------------
 
     def latent_pixels(self, height: int, width: int) -> int:

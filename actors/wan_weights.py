@@ -5,22 +5,34 @@ then overwrites it with the file's tensors and moves it: for the Wan 2.1 VAE tha
 parameters initialised for nothing (the encoder's 54 M are never used here) and a CPU copy
 of each. Here only the tensors decoding needs (`decoder.*`, `post_quant_conv.*`) are read,
 by safetensors straight onto the device in the decoder's dtype, and checked against the
-shapes the folder's own config.json implies (read off diffusers' modules built on the meta
-device: no memory, no initialisation). A folder that lacks one of them, has one of another
-shape, or carries decoder tensors the config does not know is refused: diffusers only
-warns and leaves the gap random, which would decode noise without a word. Pickled `.bin`
-weights are refused; nothing here unpickles.
+shapes the folder's own config.json implies (`wan_topology.Topology.weight_shapes`, a walk
+of the config alone: diffusers is not imported, its `models.autoencoders` package alone took
+19.6 s of a cold H200 worker's start; tests check the walk against diffusers' modules). A
+folder that lacks one of them, has one of another shape, or carries decoder tensors the
+config does not know is refused: diffusers only warns and leaves the gap random, which
+would decode noise without a word. Pickled `.bin` weights are refused; nothing here
+unpickles.
+
+`random_decoder_weights` is the decoder's random initialisation for `--random-weights`
+(benchmarks, tests): PyTorch's default init of the same layers, drawn per tensor, so the
+same seed gives the same weights on every worker.
+
+diffusers' modules over these weights (the test reference, the benchmarks' baseline) are in
+`actors.wan_diffusers`, which the worker never imports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from safetensors import safe_open
+
+from actors.wan_topology import topology
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -55,15 +67,32 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def meta_vae(config: Mapping) -> AutoencoderKLWan:
-    """The VAE's modules for `config` on the meta device: shapes without memory or init."""
-    with torch.device("meta"):
-        return AutoencoderKLWan.from_config(dict(config))
-
-
 def decoder_shapes(config: Mapping) -> dict[str, torch.Size]:
     """Every tensor decoding needs, by state-dict key, with the shape `config` implies."""
-    return {k: v.shape for k, v in meta_vae(config).state_dict().items() if k.startswith(DECODER_PREFIXES)}
+    return {k: torch.Size(v) for k, v in topology(dict(config)).weight_shapes().items()}
+
+
+def random_decoder_weights(config: Mapping, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random decoder weights for `config` (fp32, on the CPU): the distribution of PyTorch's
+    default init, which diffusers' Wan VAE keeps (conv weights and biases uniform in
+    +-1/sqrt(fan_in), norm gains one), but not diffusers' values for the same seed: those
+    come from building the whole VAE, encoder first, in module order. Each tensor is drawn
+    from a generator seeded by (seed, its key), on the CPU, so that every worker of a job,
+    on any device, holds the same weights.
+    """
+    shapes = decoder_shapes(config)
+    weights = {}
+    for key, shape in shapes.items():
+        if key.endswith(".gamma"):
+            weights[key] = torch.ones(shape)
+            continue
+        # A bias draws within its layer's bound: the fan-in of the weight beside it.
+        layer_weight = shapes[key.rsplit(".", 1)[0] + ".weight"]
+        bound = 1.0 / math.sqrt(math.prod(layer_weight[1:]))
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        weights[key] = torch.empty(shape).uniform_(-bound, bound, generator=g)
+    return weights
 
 
 def _weight_files(path: str) -> dict[str, list[str]]:
@@ -124,20 +153,3 @@ def read_wan_vae(path: str | os.PathLike, device: str | torch.device = "cpu",
     """(config, decoder weights on the device) of a diffusers-format Wan VAE folder, checked."""
     config = read_config(path)
     return config, read_decoder_weights(path, config, device, dtype)
-
-
-def decoder_vae(config: Mapping, weights: Mapping[str, torch.Tensor]) -> AutoencoderKLWan:
-    """diffusers' VAE modules holding `weights` (checked) by reference; the encoder stays on the
-    meta device (it cannot encode). For code that drives diffusers' modules."""
-    vae = meta_vae(config)
-    for name in ("decoder", "post_quant_conv"):
-        module = getattr(vae, name)
-        prefix = name + "."
-        # assign: the module takes the tensors as they are (device, dtype), instead of copying
-        # them into its meta parameters; strict: every parameter and buffer gets one.
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
-                               strict=True, assign=True)
-        left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-        if left:  # a tensor outside the state dict (a non-persistent buffer) would stay unset
-            raise ValueError(f"{name} has tensors no weight file sets: {', '.join(left[:3])}")
-    return vae

@@ -24,7 +24,8 @@ from actors.pipeline import run_pipeline
 from actors.protocol import (DecoderSpec, InputError, LatentSlice, SegmentRecord, ShardTask, WorkerInfo, segment_suffix,
                              sidecar_key)
 from actors.sinks import nvenc_available, open_sink
-from actors.startup import COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, StartupClock, StartupReport
+from actors.startup import (COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, COMPILER_MODULES, BackgroundImport, StartupClock,
+                            StartupReport)
 from infra.checksum import sha256_file
 from infra.scratch import make_scratch, sweep_stale
 from infra.storage import download_prefix, is_s3, open_store
@@ -131,8 +132,13 @@ class ShardWorker:
         # `clock` holds the phases before this one (a Ray wrapper's process and imports);
         # `node_id` and `gpu_ids` say where a cluster placed this worker, for its records.
         self._clock = clock or StartupClock()
+        # The compiler's modules load on a thread of their own, over CUDA's start and the
+        # weights, where the device's decoders compile (CUDA); elsewhere only if a spec asks.
+        self._compiler = BackgroundImport(COMPILER_MODULES, self._clock)
         with self._clock.phase("device"):
             self.device = resolve_device(device)
+            if wan.DecoderOptions.for_device(self.device).compile:
+                self._compiler.start()
             if self.device.type == "cuda":
                 # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
                 torch.backends.cudnn.benchmark = True
@@ -176,6 +182,8 @@ class ShardWorker:
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
+            if spec.name != "test-pattern" and decoder_options(spec, self.device).compile:
+                self._compiler.start()  # over the weights' load
             with self._clock.phase("weights", spec.name):
                 self._decoders[spec] = build_decoder(spec, self.device)
         return self._decoders[spec]
@@ -192,6 +200,9 @@ class ShardWorker:
         decoder = self.decoder(spec)
         report = StartupReport()
         cache = None
+        if compiles(decoder):
+            with self._clock.phase("compiler-import-wait"):
+                self._compiler.wait()
         if compiles(decoder) and compile_cache:
             key = compile_cache_key(cache_facts(runtime_facts(self.device), decoder_facts(decoder),
                                                 latent_height, latent_width, spec.dtype))

@@ -36,6 +36,9 @@ import torch
 from actors.pipeline import run_pipeline
 from actors.protocol import DecodeSpec, DecoderSpec, EncodeSpec, Shard, ShardTask
 from actors.sinks import open_sink
+from actors.wan import wan21_config
+from actors.wan_diffusers import decoder_vae
+from actors.wan_weights import random_decoder_weights
 from actors.worker import ShardWorker
 from benchmarks.common import parser, write_json
 from benchmarks.diffusers_stream import DiffusersStream
@@ -111,8 +114,10 @@ def product(args, latents: torch.Tensor, workdir: str, cache: str | None) -> dic
 
 def old_path(args, latents: torch.Tensor, workdir: str, device: torch.device) -> dict:
     t0 = time.time()
-    ref = DiffusersStream.random(None, device=device, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype],
-                                 seed=0)
+    # The product's --random-weights (seed 0) in diffusers' modules: the same weights on both paths.
+    config = wan21_config()
+    ref = DiffusersStream(decoder_vae(config, random_decoder_weights(config, seed=0)), device=device,
+                          dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
     build_s = time.time() - t0
     on_device = latents.to(device)
     _sync(device)

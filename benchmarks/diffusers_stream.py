@@ -42,7 +42,8 @@ class DiffusersStream:
     @classmethod
     def random(cls, config: dict | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0) -> DiffusersStream:
-        """diffusers' default init under `seed`, as the product's --random-weights builds it."""
+        """diffusers' default init under `seed` (not the product's --random-weights, which draws
+        its own: actors.wan_weights.random_decoder_weights)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = AutoencoderKLWan.from_config(dict(config or {}))

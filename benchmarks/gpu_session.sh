@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements, in order, each step under its own time limit (sum 820 s):
+# Issue 9's GPU measurements, in order, each step under its own time limit (sum 910 s):
 #   1. the GPU tests          -> $OUT/pytest.log, $OUT/pytest.xml
 #   2. the decoder at 720p    -> $OUT/bench_decoder.json, .log
 #   3. product vs old path    -> $OUT/bench_product.json, .log
-#   4. cold worker start-up   -> $OUT/bench_coldstart.json, .log
+#   4. cold worker start-up   -> $OUT/importtime.log (python -X importtime of the worker's
+#                                modules), $OUT/bench_coldstart.json, .log
 # plus $OUT/session.txt (each step's exit status and seconds, the card, versions) and
 # $OUT/nvidia-smi.csv (utilization and memory every 0.5 s over the whole session).
 #
@@ -12,7 +13,8 @@
 # A step that fails or runs past its limit is recorded and the next one still runs. Named steps
 # run alone: the device allows 10 minutes a call, so run it as two calls,
 #   bash benchmarks/gpu_session.sh pytest bench_decoder          # at most 440 s
-#   bash benchmarks/gpu_session.sh bench_product bench_coldstart # at most 380 s
+#   bash benchmarks/gpu_session.sh bench_product importtime bench_coldstart # at most 470 s
+# Before any step, each unpacked site folder without bytecode is compiled (see bytecode()).
 set -u
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
@@ -28,10 +30,38 @@ STATUS="$OUT/session.txt"
   echo "cpus $(nproc)"
 } >> "$STATUS"
 
+# Bytecode first, as a production node has it: pip compiles .pyc files at install, but the
+# device bundle's site folder (unpacked from .device-bundle/site.tar.xz) ships without them,
+# and a cold worker would compile every module it imports (diffusers, ray, av...) itself.
+# Each PYTHONPATH folder outside the repository, and the interpreter's torch, that has no
+# __pycache__ is compiled here, timed, before any step runs.
+bytecode() {
+  local dirs=() d
+  IFS=: read -r -a entries <<< "${PYTHONPATH:-}"
+  for d in "${entries[@]}"; do
+    [[ -d "$d" && "$(cd "$d" && pwd)" != "$PWD" ]] && dirs+=("$d")
+  done
+  d=$(python -c "import importlib.util as u, os; s = u.find_spec('torch'); print(os.path.dirname(os.path.dirname(s.origin)) if s else '')" 2>/dev/null)
+  [[ -n "$d" ]] && dirs+=("$d/torch")
+  for d in "${dirs[@]}"; do
+    if [[ -n "$(find "$d" -maxdepth 3 -name __pycache__ -print -quit 2>/dev/null)" ]]; then
+      echo "bytecode: $d already has __pycache__"
+    elif [[ ! -w "$d" ]]; then
+      echo "bytecode: $d has no __pycache__ and is read-only: every cold worker compiles what it imports"
+    else
+      local t0=$SECONDS
+      timeout -k 10 240 python -m compileall -q -j 8 "$d" > /dev/null 2>&1
+      local rc=$?
+      echo "bytecode: $d had no __pycache__: python -m compileall -q -j 8 took $((SECONDS - t0)) s (rc=$rc)"
+    fi
+  done
+}
+bytecode 2>&1 | tee -a "$STATUS"
+
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$OUT/nvidia-smi.csv" 2>/dev/null &
 SMI_PID=$!
 
-WANTED=" ${*:-pytest bench_decoder bench_product bench_coldstart} "
+WANTED=" ${*:-pytest bench_decoder bench_product importtime bench_coldstart} "
 
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
@@ -52,6 +82,7 @@ step bench_decoder 140 python -m benchmarks.bench_decoder --sizes 1280x720 --fra
   --time-budget-s 120 --out "$OUT/bench_decoder.json"
 step bench_product 180 python -m benchmarks.bench_product --size 1280x720 --latent-frames 81 --dtype bf16 \
   --device cuda --runs 2 --out "$OUT/bench_product.json"
+step importtime 90 python -X importtime -c "import actors.ray_actors, actors.service"
 step bench_coldstart 200 python -m benchmarks.bench_coldstart --size 1280x720 --dtype bf16 --device cuda \
   --runs no-cache,cache,cache --out "$OUT/bench_coldstart.json"
 

@@ -16,7 +16,9 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanCausalConv3d
 from torch.utils.flop_counter import FlopCounterMode
 
-from actors.wan import DecoderOptions, WanDecoder, load_wan_decoder, random_wan_decoder, ti2v_config, tiny_wan_config
+from actors.wan import (DecoderOptions, WanDecoder, load_wan_decoder, random_wan_decoder, ti2v_config, tiny_wan_config,
+                        wan21_config)
+from actors.wan_diffusers import meta_vae
 from actors.wan_topology import topology
 from actors.protocol import frame_start, pixel_frames
 from cluster.plan import plan_shards
@@ -188,6 +190,10 @@ def test_bf16_error_no_worse_than_diffusers_bf16(variant):
 @pytest.mark.parametrize("config", [tiny_wan_config("2.1"), tiny_wan_config("2.2"), {}, ti2v_config()],
                          ids=["tiny2.1", "tiny2.2", "wan2.1", "ti2v"])
 def test_topology_describes_every_weight_of_diffusers_decoder(config):
+    # The weight loader checks a folder against these shapes without importing diffusers.
+    expected = {k: tuple(v.shape) for k, v in meta_vae(config).state_dict().items()
+                if k.startswith(("decoder.", "post_quant_conv."))}
+    assert topology(config).weight_shapes() == expected
     # The constructor checks each weight's shape and refuses unused ones: on the meta device
     # this is the real-size architecture, checked without memory.
     decoder = _meta(config)
@@ -537,6 +543,10 @@ def test_a_vae_that_is_not_4x_in_time_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="compresses time 2x"):
         decoder_geometry(DecoderSpec(name="wan2.1", weights=str(folder)))
     assert topology({**tiny_wan_config(), "temperal_downsample": [False, False, True]}).time_scale == 2
+
+
+def test_wan21_config_is_diffusers_default():
+    assert wan21_config() == {k: v for k, v in meta_vae({}).config.items() if not k.startswith("_")}
 
 
 def test_random_decoder_is_seeded_and_leaves_global_rng_alone():

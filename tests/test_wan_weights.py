@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
 from actors.wan import tiny_wan_config
-from actors.wan_weights import DECODER_PREFIXES, decoder_vae, read_wan_vae
+from actors.wan_diffusers import decoder_vae
+from actors.wan_weights import DECODER_PREFIXES, decoder_shapes, random_decoder_weights, read_wan_vae
 
 
 def _folder(tmp_path, seed=1, **kw):
@@ -67,3 +71,25 @@ def test_weights_land_on_the_gpu_directly(tmp_path):
     _, folder = _folder(tmp_path)
     _, weights = read_wan_vae(folder, device="cuda", dtype=torch.bfloat16)
     assert all(t.is_cuda and t.dtype == torch.bfloat16 for t in weights.values())
+
+
+def test_random_weights_are_pytorchs_default_init_drawn_per_tensor():
+    config = tiny_wan_config("2.2")
+    a, b = random_decoder_weights(config, seed=4), random_decoder_weights(config, seed=4)
+    assert {k: v.shape for k, v in a.items()} == decoder_shapes(config)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["decoder.conv_in.weight"], random_decoder_weights(config, seed=5)["decoder.conv_in.weight"])
+    for key in ("decoder.conv_in.weight", "decoder.conv_in.bias", "decoder.mid_block.attentions.0.to_qkv.bias"):
+        fan_in = math.prod(a[key.rsplit(".", 1)[0] + ".weight"].shape[1:])
+        assert 0.5 / math.sqrt(fan_in) < a[key].abs().max() <= 1 / math.sqrt(fan_in)
+    assert torch.equal(a["decoder.norm_out.gamma"], torch.ones(a["decoder.norm_out.gamma"].shape))
+
+
+def test_the_workers_modules_import_no_diffusers_and_no_compiler():
+    """A cold worker imports these (Ray's actor, Serve's replica); diffusers' autoencoders
+    package took 19.6 s and torch._dynamo 6.8 s of a cold H200 worker's start."""
+    code = ("import sys, actors.ray_actors, actors.service; "
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('diffusers', 'transformers'))}"
+            " | {m for m in sys.modules if m in ('torch._dynamo', 'torch._inductor')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

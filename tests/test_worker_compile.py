@@ -42,6 +42,8 @@ def test_a_compile_that_fails_falls_back_to_eager_and_says_so(tiny_wan_dir, tmp_
         assert startup["compile"] == "eager-fallback" and "InvalidCxxCompiler" in startup["compile_error"]
         names = [p["name"] for p in startup["phases"]]
         assert names.count("weights") == 2 and "compile (failed)" in names  # rebuilt without compiling
+        # The compiler's modules were imported on a thread over the weights, then waited for.
+        assert {"compiler-import", "compiler-import-wait"} <= set(names)
         assert not worker.decoder(spec).options.compile
         assert not os.path.exists(cache) or not os.listdir(cache)  # nothing compiled, nothing saved
 
