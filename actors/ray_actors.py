@@ -24,17 +24,23 @@ from actors.worker import ShardWorker  # noqa: E402
 _IMPORTS_ENDED = time.time()
 
 
+def ray_shard_worker(device: str, scratch_dir: str | None, imports: tuple[float, float], process: str) -> ShardWorker:
+    """A ShardWorker inside a Ray process (an actor's, a Serve replica's), its start-up phases
+    counted from the process's spawn: `imports` is (start, end) of the importing module's
+    heavy imports, `process` names what the spawn phase was."""
+    clock = StartupClock()
+    spawned = process_started_at()
+    if spawned is not None and spawned < imports[0]:
+        clock.add("process", spawned, imports[0], process)
+    clock.add("imports", *imports)
+    return ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock,
+                       node_id=ray.get_runtime_context().get_node_id(),
+                       gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()))
+
+
 class _DecodeWorker:
     def __init__(self, device: str, scratch_dir: str | None = None):
-        clock = StartupClock()
-        spawned = process_started_at()
-        if spawned is not None and spawned < _IMPORTS_STARTED:
-            clock.add("process", spawned, _IMPORTS_STARTED, "Ray worker process up")
-        clock.add("imports", _IMPORTS_STARTED, _IMPORTS_ENDED)
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
-        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock, node_id=self.node_id,
-                                  gpu_ids=self.gpu_ids)
+        self.worker = ray_shard_worker(device, scratch_dir, (_IMPORTS_STARTED, _IMPORTS_ENDED), "Ray worker process up")
         tags = ("device",)
         self.frames = metrics.Counter("framefarm_frames_decoded", "Pixel frames decoded and committed",
                                       tag_keys=tags)
@@ -42,7 +48,8 @@ class _DecodeWorker:
                                                boundaries=[1, 5, 15, 30, 60, 120, 300, 600], tag_keys=tags)
         self.busy = metrics.Gauge("framefarm_gpu_busy_fraction",
                                   "GPU busy fraction during the last shard's pipeline", tag_keys=tags)
-        self.tags = {"device": f"{self.node_id[:8]}:{','.join(self.gpu_ids) or 'cpu'}"}
+        info = self.worker.info
+        self.tags = {"device": f"{info.node_id[:8]}:{','.join(info.gpu_ids) or 'cpu'}"}
 
     def describe(self) -> WorkerInfo:
         return self.worker.info

@@ -29,8 +29,7 @@ from ray import serve  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
-from actors.startup import StartupClock, process_started_at  # noqa: E402
-from actors.worker import ShardWorker  # noqa: E402
+from actors.ray_actors import ray_shard_worker  # noqa: E402
 
 _IMPORTS_ENDED = time.time()
 
@@ -67,15 +66,8 @@ class FarmWorker:
     metrics tagged by job and by replica."""
 
     def __init__(self, device: str, scratch_dir: str | None = None):
-        clock = StartupClock()
-        spawned = process_started_at()
-        if spawned is not None and spawned < _IMPORTS_STARTED:
-            clock.add("process", spawned, _IMPORTS_STARTED, "Serve replica process up")
-        clock.add("imports", _IMPORTS_STARTED, _IMPORTS_ENDED)
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
-        self.worker = ShardWorker(device=device, scratch_dir=scratch_dir, clock=clock, node_id=self.node_id,
-                                  gpu_ids=self.gpu_ids)
+        self.worker = ray_shard_worker(device, scratch_dir, (_IMPORTS_STARTED, _IMPORTS_ENDED),
+                                       "Serve replica process up")
         self.replica = serve.get_replica_context().replica_id.unique_id
         tags = ("job", "replica")
         self.frames = metrics.Counter("framefarm_farm_frames", "Frames decoded and committed by the farm",

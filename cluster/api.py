@@ -24,7 +24,7 @@ import ray
 import torch
 
 from actors.protocol import DecoderSpec, InputError, RenderSpec
-from cluster.dispatch import WorkerPool, resolve_workers
+from cluster.dispatch import RayPool, resolve_workers
 from cluster.driver import JobResult, RenderJob
 from cluster.service import use_farm
 
@@ -96,7 +96,7 @@ class Farm:
     def __init__(self, workers: int | None = None, device: str = "auto", address: str | None = None):
         self.started_ray = connect(address)
         use_gpu, n = resolve_workers(device, workers)
-        self.pool = WorkerPool(n, use_gpu)
+        self.pool = RayPool(n, use_gpu, shared=True)
 
     def render(self, latents, output: str | os.PathLike, *, progress: bool = True, startup_timeout_s: float = 600.0,
                **options) -> JobResult:

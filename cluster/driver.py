@@ -5,7 +5,9 @@ without writing anything:
   1. read and validate the latents (shape, dtype, values) against the decoder's geometry;
   2. plan shards with the decoder's receptive field as left context;
   3. find segments a previous run of the same job committed (resume);
-  4. start workers and the stitcher, dispatch with `ray.wait`, retry shards of dead actors;
+  4. start workers and the stitcher, hand shards to free workers, retry those of lost workers,
+     abandon stalled ones, back up the slowest at the end (all through a
+     `cluster.dispatch.WorkerPool`: Ray's actors, the warm farm, or threads of this process);
   5. commit the video (stitcher), then manifest.parquet, summary.json, timeline.json.
 """
 
@@ -26,18 +28,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
-from ray.util import metrics
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from actors.stitcher import SegmentError
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
-from actors.protocol import InputError, LatentSlice, RenderSpec, SegmentRecord, segment_key, shard_task, sidecar_key
+from actors.protocol import (InputError, LatentSlice, RenderSpec, SegmentRecord, Shard, segment_key, shard_task,
+                             sidecar_key)
 from actors.startup import StartupClock
-from cluster.dispatch import JobCancelled, StitcherLink, WorkerPool, resolve_workers
+from cluster.dispatch import (Handle, JobCancelled, JobStitcher, RayPool, ShardFailed, StitcherLost, Worker,
+                              WorkerLost, WorkerPool, resolve_workers)
 from cluster.service import ServicePool
 from cluster.geometry import decoder_geometry
 from cluster.latents import read_latents, validate_latents
@@ -61,12 +62,16 @@ class JobResult:
 
 
 @dataclass
-class _Watch:
-    """What the stall watch knows of one running shard."""
+class _Copy:
+    """A shard handed to a worker and not yet back (a backup copy is a second one)."""
 
-    changed: float  # monotonic time its worker's step count last moved (or the dispatch)
-    steps: int | None = None
-    probe: object = None  # an unanswered progress() call
+    shard: Shard
+    attempt: int
+    worker: Worker
+    dispatched: float  # time.monotonic() at dispatch
+    backup: bool = False
+    steps: int | None = None  # its worker's decode-step count, as last heard
+    moved: float = 0.0  # monotonic time that count last moved (or the dispatch)
 
 
 class OutputBusy(InputError):
@@ -159,7 +164,6 @@ class RenderJob:
         self.show_progress = progress
         self.startup_timeout_s = startup_timeout_s
         self.cancelled = threading.Event()
-        self._owns_pool = pool is None
         self.frames_done = 0
         self.frames_total = 0
         self._prepared = None
@@ -240,13 +244,13 @@ class RenderJob:
             if self._already is not None:
                 return self._already_rendered()
             t_job = min(t_job, self._prepare_started or t_job)  # prepared earlier (the CLI): from then
-            own_pool = self._owns_pool = self.pool is None
+            own_pool = self.pool is None
             if own_pool and self.use_farm:
                 with self._clock.phase("take a share of the farm"):
                     self.pool = ServicePool()
             elif own_pool:
                 use_gpu, workers = resolve_workers(self.spec.device, self.spec.workers)
-                self.pool = WorkerPool(workers, use_gpu)
+                self.pool = RayPool(workers, use_gpu)
             ok = False
             try:
                 plan = plan_shards(job.latents.shape[1], self.pool.size, job.context, self.spec.shard_latents,
@@ -324,7 +328,7 @@ class RenderJob:
         if removed:
             log.info("job %s: removed %d leftovers of interrupted runs from %s", job_id, len(removed), spec.output)
         # The video is written into this render's own folder; OUTPUT shows it once published.
-        link = StitcherLink(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
+        link = pool.start_stitcher(spec.output, spec.format, spec.fps, len(plan.shards), render_prefix(job_id))
         # Announced (with its pid) once it is up, not here: waiting for the stitcher's process
         # would put its start-up before the first dispatch (11 s of a warm-farm job's 12 s to
         # its first frame on a loaded 2-core host). It is up before any "done" is announced.
@@ -339,11 +343,9 @@ class RenderJob:
                 try:
                     stitch = link.finish()
                     break
-                except (RayTaskError, RayActorError) as exc:
+                except (SegmentError, StitcherLost) as exc:
                     self._heal_stitching(exc, link, plan, metas, todo)  # then render what it requeued
             ok = True
-        except RayTaskError as exc:
-            raise _unwrap(exc) from None
         finally:
             link.close(ok)
         return self._report(plan, store, [metas[i] for i in sorted(metas)], stitch, job_id, t_job)
@@ -363,31 +365,28 @@ class RenderJob:
             # An idle worker if there is one: in a Farm's pool, another job's busy worker would
             # answer only after its shard.
             claimed = pool.claim(1)
-            actor = claimed[0] if claimed else pool.actors[0]
+            worker = claimed[0] if claimed else pool.ready()[0]
             try:
-                return pool.get(pool.check_input(actor, spec.decoder, latents.shape[2], latents.shape[3],
-                                                 spec.encoder if spec.format == "mp4" else None,
-                                                 self.compile_cache))
-            except RayTaskError as exc:
-                raise _unwrap(exc) from None
-            except RayActorError as exc:
-                log.warning("a decode worker was lost before the job began (%s); replacing it", type(exc).__name__)
-                pool.replace(actor)
+                return pool.check_input(worker, spec.decoder, latents.shape[2], latents.shape[3],
+                                        spec.encoder if spec.format == "mp4" else None, self.compile_cache)
+            except WorkerLost as exc:
+                log.warning("a decode worker was lost before the job began (%s); replacing it", exc)
+                pool.replace(worker)
                 if attempt == spec.max_attempts:
                     raise
             finally:
                 if claimed:
-                    pool.release(actor)
+                    pool.release(worker)
         raise AssertionError("unreachable")
 
-    def _heal_stitching(self, exc: BaseException, link: StitcherLink, plan, metas, todo) -> None:
+    def _heal_stitching(self, exc: BaseException, link: JobStitcher, plan, metas, todo) -> None:
         """What the stitcher reported, mended: a committed segment that failed verification is
         deleted and its shard queued again; a dead stitcher is replaced. Either way the (new)
         stitcher gets every committed segment again. Bounded: a shard's segment heals at most
         max_attempts times, the stitcher restarts at most max_attempts times; past that the
         job fails with one line."""
         spec = self.spec
-        cause = exc.cause if isinstance(exc, RayTaskError) else None
+        cause = exc
         if isinstance(cause, SegmentError) and cause.key is not None:
             index = next((i for i, m in metas.items() if m.key == cause.key), None)
             if index is None:
@@ -406,31 +405,32 @@ class RenderJob:
             self.frames_done -= meta.frames
             todo.appendleft((plan.shards[index], meta.attempt + 1))
             self.on_event("heal", {"shard": plan.shards[index], "key": cause.key})
-        elif isinstance(exc, RayActorError):
+        elif isinstance(exc, StitcherLost):
             self._heals["stitcher"] += 1
             if self._heals["stitcher"] > spec.max_attempts:
-                raise RuntimeError(f"the stitcher died {self._heals['stitcher']} times (last: {type(exc).__name__}); "
+                raise RuntimeError(f"the stitcher died {self._heals['stitcher']} times (last: {exc}); "
                                    "committed segments are kept: run the job again to resume") from None
             log.warning("the stitcher was lost (%s); starting another and handing it the %d committed segments",
-                        type(exc).__name__, len(metas))
+                        exc, len(metas))
         else:
             raise exc
         link.restart([metas[i].segment for i in sorted(metas)])
         self._stitcher_announced = False
         self._announce_stitcher(link, wait=True)
 
-    def _announce_stitcher(self, link: StitcherLink, wait: bool) -> None:
+    def _announce_stitcher(self, link: JobStitcher, wait: bool) -> None:
         """The "stitcher" event, once per stitcher: when it is up, or (`wait`) now."""
         if not self._stitcher_announced and (wait or link.started()):
             try:
                 pid = link.pid()
-            except RayActorError:
+            except StitcherLost:
                 return  # it died starting: the link's next check heals it, and announces the next
             self._stitcher_announced = True
             self.on_event("stitcher", {"pid": pid})
 
     def _render_shards(self, plan, latents, job_id, todo, metas, link, encoder):
-        """Dispatch with ray.wait until every shard is committed; retry shards of lost workers."""
+        """Hand shards to free workers until every one is committed: retry those whose worker
+        was lost, and those that failed in a way that may pass; abandon stalled ones."""
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
                    file=sys.stderr, mininterval=1.0)
@@ -442,11 +442,19 @@ class RenderJob:
         # Counted apart from the bar: a disabled bar (submit's jobs) counts nothing.
         self.frames_done = sum(m.frames for m in metas.values())
         bar.update(self.frames_done)
-        pending = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed", tag_keys=("job",))
-        inflight: dict = {}  # ref -> (shard, attempt, actor)
-        watch: dict = {}  # actor -> _Watch of its running shard
-        busy: set = set()
-        slices: dict[int, ray.ObjectRef] = {}  # kept for retries: latents go to Ray once a shard
+        inflight: dict[Handle, _Copy] = {}
+        shared: dict[int, object] = {}  # shard index -> its latents as the pool shares them, kept for retries
+
+        def dispatch(worker, shard: Shard, attempt: int, backup: bool = False) -> None:
+            if shard.index not in shared:
+                shared[shard.index] = pool.share(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
+            task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache, attempt=attempt)
+            now = time.monotonic()
+            inflight[pool.submit(worker, task, shared[shard.index])] = _Copy(shard, attempt, worker, now, backup,
+                                                                              moved=now)
+            self.on_event("dispatch", {"shard": shard, "attempt": attempt, "worker": worker, "backup": backup,
+                                       "info": pool.describe(worker)})
+
         try:
             while todo or inflight:
                 self._announce_stitcher(link, wait=False)
@@ -454,112 +462,92 @@ class RenderJob:
                     raise JobCancelled(f"job {job_id} cancelled")
                 try:
                     link.check()  # a dead stitcher or a bad segment is seen now, not after the last shard
-                except (RayTaskError, RayActorError) as exc:
+                except (SegmentError, StitcherLost) as exc:
                     self._heal_stitching(exc, link, plan, metas, todo)
-                pool.poll_ready()
-                pending.set(len(todo) + len(inflight), tags={"job": job_id})
-                for actor in pool.claim(len(todo)):  # idle actors, this job's until released
-                    shard, attempt = todo.popleft()
-                    if shard.index not in slices:
-                        slices[shard.index] = ray.put(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
-                    task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache,
-                                      attempt=attempt)
-                    inflight[pool.render_shard(actor, task, slices[shard.index])] = (shard, attempt, actor)
-                    busy.add(actor)
-                    watch[actor] = _Watch(changed=time.monotonic())
-                    self.on_event("dispatch", {"shard": shard, "attempt": attempt, "actor": actor,
-                                               "info": pool.info.get(actor)})
+                pool.set_pending(job_id, len(todo) + len({c.shard.index for c in inflight.values()}))
+                for worker in pool.claim(len(todo)):  # idle workers, this job's until released
+                    if self.cancelled.is_set():  # nothing new starts once the job is cancelled
+                        pool.release(worker)
+                        continue
+                    dispatch(worker, *todo.popleft())
                 if not inflight:
                     # Shards wait and no worker is up: every one died. Wait for the replacements.
                     pool.wait_ready(self.startup_timeout_s, self.cancelled)
                     continue
-                done = pool.wait(list(inflight), timeout=1.0)
-                if hasattr(pool, "progress"):  # a farm's replicas are Serve's to watch
-                    self._abandon_stalled(inflight, watch, done, todo)
-                for ref in done:
-                    shard, attempt, actor = inflight.pop(ref)
-                    busy.discard(actor)
-                    try:
-                        meta = pool.get(ref)
-                    except RayTaskError as exc:
-                        pool.release(actor)  # the worker is fine: free for the next shard
-                        # The worker is fine but its shard failed. Worth another try only if
-                        # the cause may pass (I/O, the network, object storage); bad input or
-                        # a bug fails the same way every time.
-                        if not retryable(exc.cause) or attempt >= spec.max_attempts:
-                            raise
-                        log.warning("shard %d: %s: %s; retrying (attempt %d)", shard.index,
-                                    type(exc.cause).__name__, exc.cause, attempt + 1)
-                        self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
-                        todo.appendleft((shard, attempt + 1))
-                        continue
-                    except RayActorError as exc:
-                        pool.replace(actor)  # a replacement, wherever Ray finds a free GPU (or none yet)
-                        if attempt >= spec.max_attempts:
-                            raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from exc
-                        log.warning("shard %d: worker lost (%s); retrying elsewhere (attempt %d)",
-                                    shard.index, type(exc).__name__, attempt + 1)
-                        self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
-                        todo.appendleft((shard, attempt + 1))
-                        continue
-                    pool.release(actor)
-                    metas[shard.index] = meta
-                    self.segments_committed += 1
-                    slices.pop(shard.index, None)  # committed: its latents can leave the object store
-                    link.add(meta.segment)
-                    bar.update(meta.frames)
-                    self.frames_done += meta.frames
-                    w, r = meta.worker, meta.report
-                    log.info("shard %d/%d done on %s (%s): %d frames in %.1f s, %s %.0f%%, bottleneck %s",
-                             shard.index + 1, len(plan.shards), w.hostname, w.device_name, meta.frames,
-                             meta.ended - meta.started, busy_label(w.device), 100 * r.gpu_utilization,
-                             stage_label(r.bottleneck, w.device))
-                    self._announce_stitcher(link, wait=True)
-                    self.on_event("done", meta)
+                for handle in pool.wait_any(list(inflight), timeout_s=1.0):
+                    self._settle(handle, inflight.pop(handle), inflight, todo, metas, link, plan, bar)
+                    shared = {i: s for i, s in shared.items() if i not in metas}  # committed: let go
+                if pool.watches_progress:
+                    self._abandon_stalled(inflight, todo)
         finally:
             redirect.close()
             bar.close()
-            pending.set(0, tags={"job": job_id})  # the job is over, whichever way
-            # Work still in flight belongs to a job that is ending (cancelled or failed). A
-            # running actor task ignores ray.cancel, so a pool that outlives the job (a Farm)
-            # has those actors killed and replaced; a job's own pool is shut down anyway.
-            for ref, (_, _, actor) in inflight.items():
-                if self._owns_pool:
-                    pool.cancel(ref)
-                else:
-                    pool.replace(actor)
+            pool.set_pending(job_id, 0)  # the job is over, whichever way
+            # Work still in flight belongs to a job that is ending (cancelled or failed).
+            for handle, copy in inflight.items():
+                pool.abandon(handle, copy.worker)
 
-    def _abandon_stalled(self, inflight: dict, watch: dict, done: list, todo) -> None:
-        """Ask each running shard's worker how far it got (answered from its own thread);
-        a shard with no decode step for stall_s is abandoned: its worker (stopped, hung in a
-        driver call, or behind a dead mount) is killed and replaced, the shard re-run."""
+    def _retry(self, todo, shard: Shard, attempt: int, why: str) -> bool:
+        """Queue the shard again, first in line, unless it had its attempts."""
+        if attempt >= self.spec.max_attempts:
+            return False
+        log.warning("shard %d: %s; retrying (attempt %d)", shard.index, why, attempt + 1)
+        self.on_event("retry", {"shard": shard, "attempt": attempt + 1})
+        todo.appendleft((shard, attempt + 1))
+        return True
+
+    def _settle(self, handle, copy: _Copy, inflight: dict, todo, metas, link, plan, bar) -> None:
+        """One finished call: commit its shard, or retry it, or fail the job."""
+        pool, shard, attempt = self.pool, copy.shard, copy.attempt
+        try:
+            record = pool.result(handle)
+        except ShardFailed as exc:
+            pool.release(copy.worker)  # the worker is fine: free for the next shard
+            # The worker is fine but its shard failed. Worth another try only if the cause
+            # may pass (I/O, the network, object storage); bad input or a bug fails the same
+            # way every time: the caller gets the worker's own error.
+            if not (retryable(exc.cause) and self._retry(todo, shard, attempt, str(exc))):
+                raise exc.cause from None
+            return
+        except WorkerLost as exc:
+            pool.replace(copy.worker)  # a replacement, wherever the pool finds room (or none yet)
+            if not self._retry(todo, shard, attempt, f"worker lost ({exc})"):
+                raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from None
+            return
+        pool.release(copy.worker)
+        metas[shard.index] = record
+        self.segments_committed += 1
+        link.add(record.segment)
+        bar.update(record.frames)
+        self.frames_done += record.frames
+        w, r = record.worker, record.report
+        log.info("shard %d/%d done on %s (%s): %d frames in %.1f s, %s %.0f%%, bottleneck %s",
+                 shard.index + 1, len(plan.shards), w.hostname, w.device_name, record.frames,
+                 record.ended - record.started, busy_label(w.device), 100 * r.gpu_utilization,
+                 stage_label(r.bottleneck, w.device))
+        self._announce_stitcher(link, wait=True)
+        self.on_event("done", record)
+
+    def _abandon_stalled(self, inflight: dict, todo) -> None:
+        """A shard whose worker took no decode step for stall_s is abandoned: its worker
+        (stopped, hung in a driver call, or behind a dead mount) is replaced, the shard re-run."""
         spec, pool, now = self.spec, self.pool, time.monotonic()
-        for ref, (shard, attempt, actor) in list(inflight.items()):
-            if ref in done:
+        for handle, copy in list(inflight.items()):
+            steps = pool.steps(copy.worker)
+            if steps is not None and steps != copy.steps:
+                copy.steps, copy.moved = steps, now
+            if now - copy.moved < spec.stall_s:
                 continue
-            w = watch[actor]
-            if w.probe is not None and ray.wait([w.probe], timeout=0)[0]:
-                try:
-                    steps = ray.get(w.probe)
-                except RayActorError:
-                    steps = None  # lost: the shard's own result says so
-                w.probe = None
-                if steps is not None and steps != w.steps:
-                    w.steps, w.changed = steps, now
-            if w.probe is None:
-                w.probe = pool.progress(actor)
-            if now - w.changed < spec.stall_s:
-                continue
-            del inflight[ref]
-            watch.pop(actor, None)
-            pool.replace(actor)
+            del inflight[handle]
+            pool.replace(copy.worker)
             self.stalled_shards += 1
+            shard, attempt = copy.shard, copy.attempt
             if attempt >= spec.max_attempts:
                 raise RuntimeError(f"shard {shard.index} made no progress for {spec.stall_s:.0f} s on attempt "
                                    f"{attempt} of {spec.max_attempts}; giving up")
             log.warning("shard %d: no decode step for %.0f s on its worker; abandoning it, replacing the worker "
-                        "and running the shard again (attempt %d)", shard.index, now - w.changed, attempt + 1)
-            self.on_event("stall", {"shard": shard, "attempt": attempt + 1, "actor": actor})
+                        "and running the shard again (attempt %d)", shard.index, now - copy.moved, attempt + 1)
+            self.on_event("stall", {"shard": shard, "attempt": attempt + 1, "worker": copy.worker})
             todo.appendleft((shard, attempt + 1))
 
     def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
@@ -652,8 +640,3 @@ def retryable(cause: BaseException | None) -> bool:
     # boto3's transfer wraps the client's error into text: "An error occurred (NoSuchBucket) ..."
     return not any(f"({code})" in str(cause) for code in _PERMANENT_S3_CODES)
 
-
-def _unwrap(exc: RayTaskError) -> BaseException:
-    """The worker's own exception (InputError, ValueError...) rather than Ray's wrapper, whose
-    text is the remote traceback with terminal colours."""
-    return exc.cause if isinstance(exc.cause, BaseException) else exc

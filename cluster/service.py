@@ -16,10 +16,13 @@ import uuid
 
 import ray
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
+from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo
 from actors.service import APP, WORKER, FarmConfig, farm_application
-from cluster.dispatch import resolve_workers
+from cluster.dispatch import (JobStitcher, RayStitcher, ShardFailed, WorkerLost, WorkerPool, resolve_workers,
+                              unwrap)
 
 log = logging.getLogger("framefarm")
 
@@ -81,20 +84,22 @@ class _Slot:
         return f"farm slot {self.index}"
 
 
-class ServicePool:
-    """A job's view of the farm, with the interface of `cluster.dispatch.WorkerPool`.
+class ServicePool(WorkerPool):
+    """A job's view of the farm, as a `cluster.dispatch.WorkerPool`.
 
     Its "workers" are slots, as many as the job's fair share of the farm's replicas (the
     ledger's answer, renewed every second): the driver sends a shard per free slot, Serve
     routes it to a free replica (starting one, from zero, if need be). A replica lost
-    mid-shard fails that shard's call with RayActorError, and the driver retries the shard;
-    Serve restarts the replica by itself, so `replace` has nothing to do.
+    mid-shard fails that shard's call (WorkerLost), and the driver retries the shard; Serve
+    restarts the replica by itself, so `replace` only frees the slot.
 
     Calls are Serve responses awaited by courier threads, so that the driver waits on
-    ordinary futures (`wait`, `get`, `cancel`) as it waits on object refs with actors.
+    ordinary futures as it waits on object refs with actors.
     """
 
     farm = True
+    shared = True
+    watches_progress = False  # a replica takes one call at a time: no progress call answers mid-shard
 
     def __init__(self, job: str | None = None):
         self.job = job or uuid.uuid4().hex
@@ -109,10 +114,9 @@ class ServicePool:
         self._calls: dict = {}  # future -> Serve response, for cancel
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
-        self.info: dict = {}
 
     @property
-    def share(self) -> int:
+    def share_of_farm(self) -> int:
         if time.monotonic() - self._asked > _SHARE_REFRESH_S:
             answer = self._ledger.share.remote(self.job).result(timeout_s=60)
             if answer["share"] != self._share:
@@ -121,14 +125,13 @@ class ServicePool:
             self._share, self._asked = answer["share"], time.monotonic()
         return self._share
 
-    @property
-    def actors(self) -> list:
+    def ready(self) -> list:
         """The slots of this job's current share."""
-        return self._slots[:max(1, min(self.share, self.size))]
+        return self._slots[:max(1, min(self.share_of_farm, self.size))]
 
     def claim(self, n: int) -> list:
         """Up to `n` free slots, as many as the job's share leaves room for, held until released."""
-        share = self.share
+        share = self.share_of_farm
         with self._lock:
             room = max(0, share - len(self._claimed))
             free = [s for s in self._slots if s not in self._claimed][:max(0, min(n, room))]
@@ -139,56 +142,69 @@ class ServicePool:
         with self._lock:
             self._claimed.discard(slot)
 
-    @property
-    def starting(self) -> int:
-        return 0
-
-    def poll_ready(self, timeout: float = 0.0) -> list:
-        return []
-
     def wait_ready(self, timeout_s: float, cancelled=None) -> None:
         """Nothing to wait for: Serve holds a call until a replica can take it."""
 
-    def _call(self, slot: _Slot, method: str, *args) -> concurrent.futures.Future:
+    def describe(self, slot) -> WorkerInfo | None:
+        return None  # which replica runs a call is Serve's choice, known from its record
+
+    def _call(self, method: str, *args) -> concurrent.futures.Future:
         response = getattr(self._workers, method).remote(*args)
         future = self._couriers.submit(response.result)
         self._calls[future] = response
         future.add_done_callback(lambda f: self._calls.pop(f, None))
         return future
 
-    def render_shard(self, slot: _Slot, task, latents_ref) -> concurrent.futures.Future:
-        return self._call(slot, "render_shard", task, latents_ref)
+    def check_input(self, slot, decoder, latent_height, latent_width, encoder, compile_cache) -> dict:
+        try:
+            return self._call("check_input", decoder, latent_height, latent_width, encoder,
+                              compile_cache).result()
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+        except (RayActorError, concurrent.futures.CancelledError) as exc:
+            raise WorkerLost(type(exc).__name__) from exc
 
-    def check_input(self, slot: _Slot, spec, latent_height: int, latent_width: int, encoder,
-                    compile_cache=None) -> concurrent.futures.Future:
-        return self._call(slot, "check_input", spec, latent_height, latent_width, encoder, compile_cache)
+    def share(self, latents: LatentSlice):
+        return ray.put(latents)
 
-    @staticmethod
-    def wait(refs: list, timeout: float) -> list:
-        done, _ = concurrent.futures.wait(refs, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+    def submit(self, slot, task: ShardTask, latents) -> concurrent.futures.Future:
+        return self._call("render_shard", task, latents)
+
+    def wait_any(self, handles, timeout_s: float) -> list:
+        done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
         return list(done)
 
-    @staticmethod
-    def get(ref, timeout: float | None = None):
-        return ref.result(timeout=timeout)
+    def result(self, handle) -> SegmentRecord:
+        try:
+            return handle.result()
+        except RayTaskError as exc:
+            raise ShardFailed(unwrap(exc)) from None
+        except (RayActorError, concurrent.futures.CancelledError) as exc:
+            raise WorkerLost(type(exc).__name__) from exc
 
-    def cancel(self, ref) -> None:
+    def steps(self, slot) -> int | None:
+        return None
+
+    def abandon(self, handle, slot) -> None:
         """Abandon a call. A shard already running on a replica runs to its end there (its
         segment is left for a resume); the replica then takes other jobs' shards."""
-        response = self._calls.get(ref)
+        response = self._calls.get(handle)
         if response is not None:
             response.cancel()
-
-    def forget(self, slot) -> None:
-        pass
+        self.release(slot)
 
     def replace(self, slot) -> None:
         """A lost replica is Serve's to restart; the slot is free again for the retry."""
         self.release(slot)
 
-    def workers_used(self, metas: list[dict]) -> int:
+    def start_stitcher(self, output_uri: str, fmt: str, fps: int, shard_count: int,
+                       video_prefix: str = "") -> JobStitcher:
+        return RayStitcher(output_uri, fmt, fps, shard_count, video_prefix)
+
+    def workers_used(self, records: list[SegmentRecord]) -> int:
         """Replicas this job's shards ran on: the GPUs its job time is billed on."""
-        return max(1, len({(m.worker.hostname, m.worker.pid) for m in metas if not m.reused}))
+        return max(1, len({(m.worker.hostname, m.worker.pid) for m in records if not m.reused}))
 
     def shutdown(self, wait_s: float = 0.0) -> None:
         """Leave the farm; its replicas stay (a shard still running ends on its replica)."""

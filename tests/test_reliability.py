@@ -267,34 +267,3 @@ def test_a_farm_shared_by_concurrent_jobs(tmp_path):
         assert "retry" not in short_events and short.summary["retried_shards"] == 0
         assert _indices(str(tmp_path / "short"), "video.mkv") == list(range(pixel_frames(9)))
         assert len(farm.pool.actors) + farm.pool.starting == 2
-
-
-def test_a_stopped_worker_is_abandoned_after_the_stall_time_and_its_shard_rerun(tmp_path):
-    out = str(tmp_path / "out")
-    latents = pattern_latents(121, 96, 128)
-    stopped = []
-
-    def stop_while_writing(kind, info):
-        if kind == "dispatch" and not stopped:
-            segments = os.path.join(out, "segments")
-            _wait_for(lambda: any(n.endswith(TMP_SUFFIX) for _, _, files in os.walk(segments) for n in files),
-                      what="a segment being written")
-            os.kill(info["info"].pid, signal.SIGSTOP)
-            stopped.append(info["info"].pid)
-
-    events = []
-    try:
-        result = submit(latents, out, format="ffv1", shard_frames=60, workers=2, stall_s=20,
-                        on_event=lambda kind, info: (events.append(kind), stop_while_writing(kind, info)),
-                        decoder={"name": "test-pattern"}).wait(timeout=600)
-    finally:
-        for pid in stopped:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-    assert stopped and events.count("stall") == 1
-    assert result.summary["stalled_shards"] == 1
-    assert _indices(out, "video.mkv") == list(range(pixel_frames(121)))
-    assert _leftovers(out) == []

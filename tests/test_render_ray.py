@@ -91,7 +91,7 @@ def test_worker_killed_mid_shard_gives_the_identical_video(ray_cluster, tmp_path
 
     def kill_first_dispatch(kind, info):
         if kind == "dispatch" and info["shard"].index == 2 and not killed:
-            ray.kill(info["actor"], no_restart=True)  # the process dies with its shard in flight
+            ray.kill(info["worker"], no_restart=True)  # the process dies with its shard in flight
             killed.append(info["shard"].index)
 
     out = str(tmp_path / "killed")
@@ -203,7 +203,7 @@ def test_a_farm_outlives_a_dead_worker_and_a_cancelled_job(ray_cluster, tmp_path
 
         def on_event(kind, info):
             if kind == "dispatch":
-                busy.append(info["actor"])
+                busy.append(info["worker"])
                 running.set()
 
         # Shards far longer than the dispatch loop's 1 s poll: they are still running at the cancel.

@@ -1,0 +1,223 @@
+"""The driver's logic (retries, resume, cancellation, the stall watch) over a worker pool:
+once with ShardWorkers on threads of this process (no Ray started), once with Ray actors on
+a local Ray. One set of tests, parametrized over the two pools.
+
+Each kind's pool is shared by the module's tests (as a Farm's is by its jobs): a test that
+loses or stops a worker leaves a replacement behind for the next. Workers are stopped
+the way each kind stops: a Ray actor's process by SIGSTOP, an in-process worker at a gate
+before its next decode step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from actors.decoders import pattern_latents, read_index
+from actors.protocol import DecoderSpec, RenderSpec, pixel_frames
+from actors.sinks import read_frames
+from actors.worker import ShardWorker
+from cluster.dispatch import InProcessPool, JobCancelled, RayPool
+from cluster.driver import RenderJob
+from infra.staged import TMP_SUFFIX
+
+
+class _GatedDecoder:
+    """A decoder whose stream takes each step only while `running` is set: an in-process
+    worker stopped mid-shard, as SIGSTOP stops a process."""
+
+    def __init__(self, decoder, running: threading.Event):
+        self._decoder, self._running = decoder, running
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+    def stream(self, *args, **kwargs):
+        for chunk in self._decoder.stream(*args, **kwargs):
+            self._running.wait()
+            yield chunk
+
+
+class _StoppableWorker(ShardWorker):
+    def __init__(self):
+        super().__init__(device="cpu")
+        self.running = threading.Event()
+        self.running.set()
+
+    def decoder(self, spec):
+        return _GatedDecoder(super().decoder(spec), self.running)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False, object_store_memory=150 * 2**20)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["in-process", "ray"])
+def pool(request):
+    """Two workers of the parametrized kind, shared by the module's tests."""
+    if request.param == "ray":
+        request.getfixturevalue("local_ray")
+        made = RayPool(2, use_gpu=False, shared=True)
+    else:
+        made = InProcessPool(2, shared=True, make_worker=_StoppableWorker)
+    made.stopped = []  # what tests stopped, let go at the end
+    made.wait_ready(300)
+    yield made
+    _let_go(made)
+    made.shutdown(wait_s=30)
+
+
+def lose(pool, worker) -> None:
+    """End a worker the way its pool's kind loses one: a killed process, a crashed thread."""
+    if isinstance(pool, RayPool):
+        import ray
+
+        ray.kill(worker, no_restart=True)
+    else:
+        pool.lose(worker)
+
+
+def stop(pool, worker) -> None:
+    """Stop a worker mid-shard without ending it."""
+    if isinstance(pool, RayPool):
+        pid = pool.describe(worker).pid
+        os.kill(pid, signal.SIGSTOP)
+        pool.stopped.append(pid)
+    else:
+        worker.worker.running.clear()
+        pool.stopped.append(worker.worker.running)
+
+
+def _let_go(pool) -> None:
+    for stopped in pool.stopped:
+        if isinstance(stopped, threading.Event):
+            stopped.set()
+        else:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+    pool.stopped.clear()
+
+
+def _spec(out, **options) -> RenderSpec:
+    return RenderSpec(output=str(out), decoder=DecoderSpec(name="test-pattern"), format="ffv1", **options)
+
+
+def _indices(out) -> list[int]:
+    return [read_index(f) for f in read_frames(os.path.join(out, "video.mkv"), "ffv1")]
+
+
+def test_a_lost_worker_s_shard_is_retried_elsewhere(pool, tmp_path):
+    lost = []
+
+    def on_event(kind, info):
+        if kind == "dispatch" and info["shard"].index == 1 and not lost:
+            lose(pool, info["worker"])  # gone with its shard in flight
+            lost.append(info["worker"])
+
+    result = RenderJob(_spec(tmp_path, shard_latents=3), pattern_latents(9, 96, 128), pool=pool, progress=False,
+                       on_event=on_event).run()
+    assert len(lost) == 1 and lost[0] not in pool.ready()
+    assert _indices(tmp_path) == list(range(pixel_frames(9)))
+    assert {r["shard"]: r["attempts"] for r in result.manifest} == {0: 1, 1: 2, 2: 1}
+
+
+def test_a_transient_failure_is_retried_and_a_lasting_one_fails_the_job(pool, tmp_path):
+    # A file where the segments folder must go: each segment write fails with an OSError, as
+    # a full or vanished disk would. Cleared at the first retry, the job completes.
+    out = tmp_path / "io"
+    out.mkdir()
+    (out / "segments").write_bytes(b"in the way")
+    retries = []
+
+    def clear_on_retry(kind, info):
+        if kind == "retry":
+            retries.append(info["shard"].index)
+            if (out / "segments").is_file():
+                (out / "segments").unlink()
+
+    result = RenderJob(_spec(out, shard_latents=3), pattern_latents(9, 96, 128), pool=pool, progress=False,
+                       on_event=clear_on_retry).run()
+    assert retries and result.summary["retried_shards"] >= 1
+    assert _indices(out) == list(range(pixel_frames(9)))
+
+    # The same obstacle at every attempt: the job ends after max_attempts with the worker's error.
+    out2 = tmp_path / "io2"
+    out2.mkdir()
+    (out2 / "segments").write_bytes(b"in the way")
+    retried = []
+    with pytest.raises(OSError):
+        RenderJob(_spec(out2, max_attempts=2), pattern_latents(3, 96, 128), pool=pool, progress=False,
+                  on_event=lambda kind, info: retried.append(kind) if kind == "retry" else None).run()
+    assert retried == ["retry"]
+    assert not (out2 / "video.mkv").exists()
+
+
+def test_a_rerun_reuses_committed_segments(pool, tmp_path):
+    latents = pattern_latents(9, 96, 128)
+    first = RenderJob(_spec(tmp_path, shard_latents=3, keep_segments=True), latents, pool=pool,
+                      progress=False).run()
+    assert first.summary["reused_shards"] == 0
+    sidecars = sorted(tmp_path.glob("segments/*/*.mkv.json"))
+    assert len(sidecars) == 3
+    sidecars[1].unlink()  # shard 1 was not committed
+    sidecars[2].write_text("{")  # shard 2's sidecar is damaged: not committed either
+    (tmp_path / "video.mkv").unlink()  # the render is no longer whole: the job runs again
+    dispatched = []
+    again = RenderJob(_spec(tmp_path, shard_latents=3), latents, pool=pool, progress=False,
+                      on_event=lambda kind, info: dispatched.append(info["shard"].index) if kind == "dispatch"
+                      else None).run()
+    assert sorted(dispatched) == [1, 2]
+    assert again.summary["reused_shards"] == 1
+    assert _indices(tmp_path) == list(range(pixel_frames(9)))
+    assert not list(tmp_path.glob("segments/*/*"))  # not kept this time
+
+
+def test_cancel_ends_the_job_and_leaves_no_video_and_the_pool_goes_on(pool, tmp_path):
+    job = None
+
+    def cancel_at_first_dispatch(kind, info):
+        if kind == "dispatch":
+            job.cancel()  # shards in flight: the job ends with them abandoned
+
+    job = RenderJob(_spec(tmp_path / "cancelled", shard_latents=3), pattern_latents(30, 96, 128), pool=pool,
+                    progress=False, on_event=cancel_at_first_dispatch)
+    with pytest.raises(JobCancelled):
+        job.run()
+    assert not (tmp_path / "cancelled" / "video.mkv").exists()
+    # The pool outlives the job: its busy workers were replaced, and the next job runs on it.
+    pool.wait_ready(300)
+    RenderJob(_spec(tmp_path / "next"), pattern_latents(3, 96, 128), pool=pool, progress=False).run()
+    assert _indices(tmp_path / "next") == list(range(pixel_frames(3)))
+
+
+def test_a_stopped_worker_s_shard_is_abandoned_after_the_stall_time_and_rerun(pool, tmp_path):
+    stopped, events = [], []
+
+    def stop_shard_1(kind, info):
+        events.append((kind, info))
+        if kind == "dispatch" and info["shard"].index == 1 and not stopped:
+            stop(pool, info["worker"])
+            stopped.append(info["worker"])
+
+    result = RenderJob(_spec(tmp_path, shard_latents=3, stall_s=4), pattern_latents(9, 96, 128), pool=pool,
+                       progress=False, on_event=stop_shard_1).run()
+    stalls = [info for kind, info in events if kind == "stall"]
+    # Under load a healthy worker may miss a step for the stall time too; the stopped one must.
+    assert stopped and any(s["worker"] == stopped[0] and s["shard"].index == 1 for s in stalls)
+    assert result.summary["stalled_shards"] == len(stalls)
+    assert stopped[0] not in pool.ready()  # replaced
+    assert _indices(tmp_path) == list(range(pixel_frames(9)))
+    assert not [n for _, _, files in os.walk(tmp_path) for n in files if n.endswith(TMP_SUFFIX)]
