@@ -255,17 +255,17 @@ def test_parts_double_from_the_end_cover_the_segment_and_follow_the_cores():
     for frames in (24, 40, 161, 321, 2001):
         sizes, threads = plan_parts(frames, 1280, 720, cores=8)
         assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES
-        # The last part is the shortest and has every core; each before it is twice the next,
-        # except the first, which takes what is left.
-        assert sizes[-1] == MIN_PART_FRAMES and threads == [4] * (len(sizes) - 1) + [8]
+        # The last part is the shortest; each before it is twice the next, except the first,
+        # which takes what is left. Every part has a thread per core.
+        assert sizes[-1] == MIN_PART_FRAMES and threads == [8] * len(sizes)
         assert all(a == 2 * b for a, b in zip(sizes[1:-1], sizes[2:]))
-    assert plan_parts(161, 1280, 720, cores=8) == ([77, 48, 24, 12], [4, 4, 4, 8])
-    assert plan_parts(161, 1280, 720, cores=2)[1] == [1, 1, 1, 2]
+    assert plan_parts(161, 1280, 720, cores=8) == ([77, 48, 24, 12], [8, 8, 8, 8])
+    assert plan_parts(161, 1280, 720, cores=2)[1] == [2, 2, 2, 2]
     # One encoder: a single core, frames too small to be worth it, too few frames, or asked.
     for args, kwargs in [((161, 1280, 720, 1), {}), ((161, W, H, 8), {}), ((20, 1280, 720, 8), {}),
                          ((161, 1280, 720, 8), {"parts": 1})]:
         assert plan_parts(*args, **kwargs) == ([args[0]], [0])
-    assert plan_parts(161, W, H, 2, parts=3) == ([125, 24, 12], [1, 1, 2])
+    assert plan_parts(161, W, H, 2, parts=3) == ([125, 24, 12], [2, 2, 2])
 
 
 @pytest.mark.parametrize("layout", ["rgb24", "yuv420p"])
