@@ -25,12 +25,14 @@ For each job it prints where the time went, from the driver's process start to i
   after            the end of the job's time to the process's exit (summary.json, the
                    publication's renames, deleting segments, leaving Ray)
 
-and GPU utilization two ways: over the job's time as its summary.json defines it
+and GPU utilization three ways: over the job's time as its summary.json defines it
 (`gpu_utilization`: busy seconds / (job seconds x replicas used), the job's time running from
 its first step after the driver's imports to its render written and ready to publish; issue
 11's target for a warm job: >= 90%), and over the driver process's whole life (the same busy
 seconds over spawn to exit, the stricter figure). "Busy" is the decode stage's own time,
-measured with CUDA events around each step on a GPU.
+measured with CUDA events around each step on a GPU. The third, independent of framefarm's
+own accounting, is NVML's: `nvidia-smi` sampled every 100 ms (the share of each sample
+period in which a kernel ran), averaged over the job's time (`nvml_utilization_job`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime
 
 import ray
 import torch
@@ -82,12 +87,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class NvmlSampler:
+    """`nvidia-smi` utilization samples, every 100 ms, while it runs; none without a GPU."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int, float]] = []  # (epoch s, GPU index, utilization 0..1)
+        self._proc = None
+        if shutil.which("nvidia-smi") and torch.cuda.is_available():
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                stamp, index, util = (v.strip() for v in line.split(","))
+                when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time
+                self.samples.append((when, int(index), float(util) / 100))
+            except ValueError:
+                continue
+
+    def mean(self, start: float, end: float) -> float | None:
+        """Mean utilization of the GPUs that did any work in [start, end]."""
+        inside = [(i, u) for t, i, u in self.samples if start <= t <= end]
+        used = {i for i, u in inside if u > 0}
+        values = [u for i, u in inside if i in used]
+        return sum(values) / len(values) if values else None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+
 def _trace(out: str) -> list[dict]:
     with open(os.path.join(out, "timeline.json")) as f:
         return json.load(f)["traceEvents"]
 
 
-def breakdown(out: str, spawned: float, exited: float) -> dict:
+def breakdown(out: str, spawned: float, exited: float, nvml: NvmlSampler | None = None) -> dict:
     """Where one job's time went, from its driver's spawn to its exit (see the module's doc)."""
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
@@ -109,6 +149,8 @@ def breakdown(out: str, spawned: float, exited: float) -> dict:
         "gpu_utilization": s["gpu_utilization"],
         "gpu_utilization_process": busy / (process * s["workers"]),
         "gpu_utilization_in_shards": s["gpu_utilization_in_shards"],
+        "nvml_utilization_job": nvml.mean(started, started + wall) if nvml else None,
+        "nvml_utilization_process": nvml.mean(spawned, exited) if nvml else None,
         "time_to_first_frame_s": s["time_to_first_frame_s"],
         "spans_s": {
             "driver start": started - spawned,
@@ -121,6 +163,7 @@ def breakdown(out: str, spawned: float, exited: float) -> dict:
         "shard_phases_s": {name: phase_s(name) for name in ("setup", "decode+copy+encode", "encoder flush", "upload")},
         "driver_phases_s": {e["name"]: round(e["dur"] / 1e6, 3) for e in trace if e["pid"] == -1 and e["ph"] == "X"},
         "farm": s["farm"], "startup": s.get("startup"),
+        "timeline": trace,  # the job's timeline.json, for what the spans above do not say
     }
 
 
@@ -141,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_cpus": os.cpu_count(), "num_gpus": gpus, "include_dashboard": False,
         "dashboard_agent_listen_port": free_port()})
     ray.init(address=cluster.address)
+    work, nvml = None, None
     try:
         deploy(FarmConfig(capacity=replicas, use_gpu=gpus > 0, idle_s=600))
-        work = tempfile.mkdtemp(prefix="bench-farm-")
+        work = tempfile.mkdtemp(prefix="bench-farm-")  # removed at the end, with the videos
         latents = os.path.join(work, "latents.safetensors")
         if args.decoder == TEST_PATTERN:
             data, weights = pattern_latents(args.latent_frames, height, width), []
@@ -151,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             data, weights = torch.randn(16, args.latent_frames, height // 8, width // 8), ["--random-weights"]
         save_file({"latents": data}, latents)
         results = []
+        nvml = NvmlSampler()
         for run in range(args.runs):
             label = "first (cold replica)" if run == 0 else f"{'second' if run == 1 else run + 1} (warm replica)"
             out = os.path.join(work, f"out{run}")
@@ -165,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if args.decoder == TEST_PATTERN:
                 check_pattern(out, args.latent_frames)
-            results.append({"run": label, **breakdown(out, spawned, exited)})
+            results.append({"run": label, **breakdown(out, spawned, exited, nvml)})
         spans = list(results[0]["spans_s"])
-        print(f"{'job':22} {'process s':>9} {'job s':>6} {'busy s':>6} {'GPU/job':>8} {'GPU/process':>11}  "
-              + "  ".join(f"{name:>14}" for name in spans))
+        print(f"{'job':22} {'process s':>9} {'job s':>6} {'busy s':>6} {'GPU/job':>8} {'GPU/process':>11} "
+              f"{'NVML/job':>8}  " + "  ".join(f"{name:>14}" for name in spans))
         for r in results:
+            nvml_job = "-" if r["nvml_utilization_job"] is None else f"{r['nvml_utilization_job']:.1%}"
             print(f"{r['run']:22} {r['process_s']:9.2f} {r['job_s']:6.2f} {r['busy_s']:6.2f} "
-                  f"{r['gpu_utilization']:8.1%} {r['gpu_utilization_process']:11.1%}  "
+                  f"{r['gpu_utilization']:8.1%} {r['gpu_utilization_process']:11.1%} {nvml_job:>8}  "
                   + "  ".join(f"{r['spans_s'][name]:14.2f}" for name in spans))
         device = torch.cuda.get_device_name(0) if gpus else "cpu"
         with open(args.out, "w") as f:
@@ -182,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(over its driver process: {results[1]['gpu_utilization_process']:.1%}) on {device} "
                   "(target >= 90%)")
     finally:
+        if nvml is not None:
+            nvml.stop()
         ray.shutdown()
         cluster.shutdown()
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
