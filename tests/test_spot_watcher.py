@@ -1,5 +1,6 @@
 """infra.spot_watcher: IMDSv2 polling against a local stand-in for the metadata service,
-then a real drain of a node of a real (local, multi-node) Ray cluster."""
+then a real drain of a node of a real (local, multi-node) Ray cluster running the warm farm,
+mid-job."""
 
 from __future__ import annotations
 
@@ -137,66 +138,96 @@ def _node(gcs, node_id: str):
     raise KeyError(node_id)
 
 
-def test_drains_a_real_ray_node_on_a_simulated_notice(monkeypatch):
-    """Two GPU nodes (fake GPUs); an actor holds one GPU of node A. After the notice, A takes
-    no new work though it has a GPU free, new work goes to B, and A ends as preempted."""
+def test_a_drained_farm_node_hands_its_replica_on_mid_job_without_losing_a_shard(monkeypatch, tmp_path):
+    """Issue 11: the warm farm on three one-GPU nodes (the head's GPU is the spare), two
+    replicas. Mid-job, a node other than the head that ran one of the job's shards gets a
+    spot notice: the watcher, run as on a worker node (`python -m infra.spot_watcher`),
+    drains it. The node is marked draining until the notice's time; Serve stops its replica
+    at once (the notice's two minutes are shorter than the replica's graceful shutdown, so
+    it takes no new shard; one running would finish, or fail and be retried) and starts a
+    replacement on the spare GPU; the drained node, idle, ends as preempted. The driver is
+    held (in its "done" callback) until the node is gone and the replacement is up, so
+    that the rest of the job runs on the other two nodes: frame-exact, every shard once,
+    some on the replacement."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
     from ray.core.generated.common_pb2 import NodeDeathInfo
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from actors.decoders import pattern_latents, read_index
+    from actors.protocol import RenderSpec, pixel_frames
+    from actors.service import WORKER, FarmConfig
+    from actors.sinks import read_frames
+    from cluster.driver import RenderJob
+    from cluster.service import deploy, farm_status
 
     tmp = tempfile.mkdtemp(dir="/tmp", prefix="ffsw")
     monkeypatch.setenv("RAY_TMPDIR", tmp)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
+                                                            "include_dashboard": False})
     try:
-        node_a = cluster.add_node(num_cpus=1, num_gpus=2)
-        node_b = cluster.add_node(num_cpus=1, num_gpus=1)
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
+        head = ray.get_runtime_context().get_node_id()
         gcs = ray._raylet.GcsClient(address=cluster.address)
+        deploy(FarmConfig(capacity=2, use_gpu=True, min_replicas=2, idle_s=300))
+        drained: dict = {}
 
-        @ray.remote(num_gpus=1, num_cpus=0)
-        class Decoder:
-            def node(self):
-                return ray.get_runtime_context().get_node_id()
+        def on_event(kind, info):
+            node = info.worker.node_id if kind == "done" else head
+            if node == head or drained:
+                return
+            with FakeImds(notice_after=2) as imds:
+                watcher = subprocess.run(
+                    [sys.executable, "-m", "infra.spot_watcher", "--address", cluster.address, "--node-id", node,
+                     "--imds-url", imds.url, "--interval", "0.2"], cwd=ROOT, capture_output=True, text=True,
+                    timeout=120)
+            assert watcher.returncode == 0, watcher.stderr
+            assert "drained Ray node " + node in watcher.stderr
+            drained.update(node=node, at=time.time(),
+                           draining=ray._private.state.state.get_draining_nodes(),
+                           deadline=Notice("terminate", imds.when).deadline_ms())
+            deadline = time.monotonic() + 300
+            while _node(gcs, node).state != GcsNodeInfo.DEAD:
+                assert time.monotonic() < deadline, f"the drained node is still up: {farm_status()}"
+                time.sleep(0.5)  # polling the GCS for the node's end, with a deadline
+            drained["gone"] = time.time()
+            while farm_status()["deployments"][WORKER]["replicas"] != {"RUNNING": 2}:
+                assert time.monotonic() < deadline, f"no replacement replica: {farm_status()}"
+                time.sleep(0.5)  # polling Serve for the replacement, with a deadline
+            drained["replaced"] = time.time()
 
-        holder = Decoder.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_a.node_id, soft=False)).remote()
-        assert ray.get(holder.node.remote(), timeout=60) == node_a.node_id
+        latent_frames = 25
+        out = str(tmp_path / "out")
+        spec = RenderSpec(output=out, decoder={"name": "test-pattern"}, shard_latents=2, device="cuda",
+                          format="ffv1")
+        job = RenderJob(spec, pattern_latents(latent_frames, height=240, width=320), progress=False,
+                        use_farm=True, on_event=on_event)
+        result = job.run()
 
-        with FakeImds(notice_after=3) as imds:
-            watcher = subprocess.run(
-                [sys.executable, "-m", "infra.spot_watcher", "--address", cluster.address,
-                 "--node-id", node_a.node_id, "--imds-url", imds.url, "--interval", "0.2"],
-                cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert watcher.returncode == 0, watcher.stderr
-        assert "drained Ray node " + node_a.node_id in watcher.stderr
-
-        draining = ray._private.state.state.get_draining_nodes()
-        assert draining == {node_a.node_id: Notice("terminate", imds.when).deadline_ms()}
-
-        # Two more one-GPU actors: A has a GPU free but is draining, so one goes to B and
-        # the other cannot be placed anywhere.
-        new = [Decoder.remote() for _ in range(2)]
-        refs = [a.node.remote() for a in new]
-        ready, pending = ray.wait(refs, num_returns=1, timeout=60)
-        assert ray.get(ready) == [node_b.node_id]
-        ready, _ = ray.wait(pending, timeout=3)
-        assert ready == []
-
-        # A keeps running what it has; once idle its raylet exits, marked as preempted.
-        assert ray.get(holder.node.remote(), timeout=30) == node_a.node_id
-        ray.kill(holder)
-        deadline = time.monotonic() + 60
-        while _node(gcs, node_a.node_id).state != GcsNodeInfo.DEAD:
-            assert time.monotonic() < deadline, "drained node did not end"
-            time.sleep(0.5)
-        death = _node(gcs, node_a.node_id).death_info
+        assert drained, "no shard ran on a node other than the head"
+        assert drained["draining"] == {drained["node"]: drained["deadline"]}
+        frames = read_frames(f"{out}/video.mkv", "ffv1")
+        assert [read_index(f) for f in frames] == list(range(pixel_frames(latent_frames)))
+        rows = sorted(result.manifest, key=lambda r: r["started"])
+        assert sorted(r["shard"] for r in rows) == list(range(len(rows)))
+        after = [r for r in rows if r["started"] > drained["replaced"]]
+        assert after and all(r["node_id"] != drained["node"] for r in after)
+        before = {r["node_id"] for r in rows if r["started"] < drained["at"]}
+        assert {r["node_id"] for r in after} - before, "no shard ran on the replacement replica"
+        death = _node(gcs, drained["node"]).death_info
         assert death.reason == NodeDeathInfo.AUTOSCALER_DRAIN_PREEMPTED
         assert "spot interruption" in death.reason_message
-        assert _node(gcs, node_b.node_id).state == GcsNodeInfo.ALIVE
+        print(f"\ndrained node {drained['node'][:8]} mid-job: the node gone {drained['gone'] - drained['at']:.1f} s and "
+              f"a replacement replica up {drained['replaced'] - drained['at']:.1f} s after the drain; "
+              f"{len(after)} of {len(rows)} shards ran after, on the other two nodes; "
+              f"retried {result.summary['retried_shards']}; frame-exact")
     finally:
+        from ray import serve
+
+        serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
