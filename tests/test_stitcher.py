@@ -6,6 +6,8 @@ in tests/test_render_s3.py."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +146,17 @@ def test_finish_after_abort_refuses_instead_of_waiting(tmp_path):
         stitcher.finish()
     with pytest.raises(RuntimeError, match="aborted|closed"):
         stitcher.wait_appended(2, timeout=None)
+
+
+def test_the_stitchers_process_imports_neither_torch_nor_the_decode_worker():
+    """A Ray worker imports the module that defines an actor's class, and unpickles its
+    arguments: a job's stitcher must come up in about a second, not after torch and
+    diffusers (docs/deploy.md, "After the last shard")."""
+    code = ("import pickle, sys, actors.stitcher_actor; from actors.segments import Segment; "
+            "pickle.loads(pickle.dumps(Segment(0, 'k', 1, 1, 'x'))); "
+            "heavy = {'torch', 'diffusers', 'actors.worker', 'actors.protocol'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path])})
+    assert done.returncode == 0, done.stderr[-2000:]
