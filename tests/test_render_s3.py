@@ -224,6 +224,7 @@ def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch
     # are exact, and OUTPUT holds B's render and nothing else: A's files, B's segments and
     # half-uploaded frames, the lease, unfinished uploads all gone.
     committed = [k for k in _keys(admin, bucket, f"{out}/segments/") if k.endswith(".json")]
+    assert _keys(admin, bucket, f"{out}/.framefarm-lease.")  # B's, left live-looking by the cut
     result = submit(pattern_latents(5, 96, 128), uri, **job_b).wait(timeout=300)
     assert result.summary["reused_shards"] == len(committed) > 0
     assert _indices(admin, bucket, out, tmp_path) == list(range(pixel_frames(5)))
