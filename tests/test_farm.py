@@ -249,6 +249,14 @@ def test_jobs_from_threads_at_once_a_lost_replica_and_a_cancelled_job(warm_farm,
         assert time.monotonic() < deadline, replicas()
         time.sleep(0.5)
 
+    def replica_actors() -> set:
+        from ray.util.state import list_actors
+
+        return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if WORKER in (a.class_name or "")}
+
+    before_cancel = replica_actors()
+
     # A long job of many small shards and a short one, side by side; the long one is cancelled
     # while both have shards on the farm.
     long_running, short_running, short_events = threading.Event(), threading.Event(), []
@@ -269,6 +277,8 @@ def test_jobs_from_threads_at_once_a_lost_replica_and_a_cancelled_job(warm_farm,
     assert "retry" not in short_events and short.summary["retried_shards"] == 0
     assert exact(str(tmp_path / "short"), 9, "ffv1")
     assert not os.path.exists(tmp_path / "long" / "video.mkv")
+    print(f"\nreplica actors before the cancel {sorted(before_cancel)}, after {sorted(replica_actors())}, "
+          f"states {replicas()}")
     print(f"\nthree jobs at once, replica {killed[0]} killed under them: {retried} shard(s) retried, "
           f"replicas after {replicas()}; cancelled the long job, the short one ran {len(short_events)} events, no retry")
 
