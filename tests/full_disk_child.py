@@ -19,7 +19,6 @@ import ray
 from actors.decoders import pattern_latents, read_index
 from actors.sinks import read_frames
 from cluster.api import Farm
-from infra.staged import TMP_SUFFIX
 
 PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False, "format": "ffv1"}
 ROOM = 16 << 10  # free space left for B: its lease (and a renewal's copy), not its segments (5 + 5 sidecars)

@@ -159,7 +159,8 @@ def test_a_lease_that_cannot_be_renewed_is_given_up_by_its_expiry(s3_behind_prox
     """S3 cut under a running job: its lease renewal fails, is retried, and the job is told to
     stop once the lease would expire (another job may then take OUTPUT over)."""
     _, _, bucket, _ = s3_behind_proxy
-    store = S3Store(bucket, "leased", endpoint_url=proxy.url, timeouts=S3Timeouts(connect_s=1, read_s=1, max_attempts=2))
+    store = S3Store(bucket, "leased", endpoint_url=proxy.url,
+                    timeouts=S3Timeouts(connect_s=1, read_s=1, max_attempts=2))
     lease = Lease.acquire(store, "job-a", ttl_s=4)
     lost, seen = threading.Event(), []
     renewer = Renewer(lease, lambda exc: (seen.append((time.time(), exc)), lost.set()))
