@@ -51,13 +51,26 @@ def head():
         cluster.shutdown()
 
 
-@pytest.fixture
-def warm_farm(head):
-    """The farm deployed with both replicas up (kept from an earlier test when it runs)."""
+@pytest.fixture(scope="module")
+def warm_config(head):
+    """The farm deployed once with both replicas kept up. Deploying again from a test would
+    build a new version of the application and restart both replicas (about 12 s each time)."""
     from cluster.service import deploy
 
     deploy(FarmConfig(capacity=CAPACITY, use_gpu=True, min_replicas=CAPACITY, idle_s=300))
     return head
+
+
+@pytest.fixture
+def warm_farm(warm_config):
+    """The farm with both replicas running: Serve replaces one an earlier test killed."""
+    from cluster.service import farm_status
+
+    deadline = time.monotonic() + 120
+    while farm_status()["deployments"][WORKER]["replicas"] != {"RUNNING": CAPACITY}:
+        assert time.monotonic() < deadline, farm_status()
+        time.sleep(0.5)  # polling Serve for the replicas, with a deadline
+    return warm_config
 
 
 def exact(out: str, latent_frames: int, fmt: str = "mp4") -> bool:
