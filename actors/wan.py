@@ -390,7 +390,15 @@ class WanDecoder:
         # latents / (1/std) + mean; in bf16 this matches the pipeline's own decode bit for bit.
         self.mean = mean.to(self.device, dtype)
         self.inv_std = 1.0 / std.to(self.device, dtype)
-        self._fns = compiled_fns(self.options.compile_mode) if self.options.compile else _EAGER
+        self._compiled: _Fns | None = None  # on first use: building it imports torch._dynamo
+
+    @property
+    def _fns(self) -> _Fns:
+        if not self.options.compile:
+            return _EAGER
+        if self._compiled is None:
+            self._compiled = compiled_fns(self.options.compile_mode)
+        return self._compiled
 
     @classmethod
     def from_vae(cls, vae: Any, device: str | torch.device = "cpu",

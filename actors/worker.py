@@ -34,6 +34,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 log = logging.getLogger("framefarm")
 SCRATCH_PREFIX = "framefarm-scratch-"
 WEIGHTS_PREFIX = "framefarm-weights-"
+COMPILER_IMPORT_ENV = "FRAMEFARM_COMPILER_IMPORT"  # "background" (default) or "inline"
 
 
 # PyTorch's caching allocator reserves more than the peak it hands out: 14.2 GiB reserved
@@ -134,10 +135,12 @@ class ShardWorker:
         self._clock = clock or StartupClock()
         # The compiler's modules load on a thread of their own, over CUDA's start and the
         # weights, where the device's decoders compile (CUDA); elsewhere only if a spec asks.
+        # FRAMEFARM_COMPILER_IMPORT=inline imports them only when first needed (to measure).
         self._compiler = BackgroundImport(COMPILER_MODULES, self._clock)
+        self._compiler_early = os.environ.get(COMPILER_IMPORT_ENV, "background") != "inline"
         with self._clock.phase("device"):
             self.device = resolve_device(device)
-            if wan.DecoderOptions.for_device(self.device).compile:
+            if self._compiler_early and wan.DecoderOptions.for_device(self.device).compile:
                 self._compiler.start()
             if self.device.type == "cuda":
                 # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
@@ -182,7 +185,7 @@ class ShardWorker:
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
-            if spec.name != "test-pattern" and decoder_options(spec, self.device).compile:
+            if self._compiler_early and spec.name != "test-pattern" and decoder_options(spec, self.device).compile:
                 self._compiler.start()  # over the weights' load
             with self._clock.phase("weights", spec.name):
                 self._decoders[spec] = build_decoder(spec, self.device)

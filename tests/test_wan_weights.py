@@ -86,9 +86,12 @@ def test_random_weights_are_pytorchs_default_init_drawn_per_tensor():
 
 
 def test_the_workers_modules_import_no_diffusers_and_no_compiler():
-    """A cold worker imports these (Ray's actor, Serve's replica); diffusers' autoencoders
-    package took 19.6 s and torch._dynamo 6.8 s of a cold H200 worker's start."""
+    """A cold worker imports these (Ray's actor, Serve's replica) and builds its decoder;
+    diffusers' autoencoders package took 19.6 s and torch._dynamo 6.8 s of a cold H200
+    worker's start. A compiling decoder imports the compiler at its first compiled step."""
     code = ("import sys, actors.ray_actors, actors.service; "
+            "from actors.wan import DecoderOptions, random_wan_decoder, tiny_wan_config; "
+            "random_wan_decoder(tiny_wan_config(), options=DecoderOptions(compile=True)); "
             "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('diffusers', 'transformers'))}"
             " | {m for m in sys.modules if m in ('torch._dynamo', 'torch._inductor')}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
