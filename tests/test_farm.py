@@ -180,7 +180,14 @@ def test_replica_killed_mid_shard_costs_a_retry_not_the_job(warm_farm, tmp_path)
     first_done: dict = {}
     done_event = threading.Event()
 
+    stitcher_libraries: list[str] = []
+
     def on_event(kind, info):
+        if kind == "stitcher":
+            # What the job's stitcher process has loaded once up: it must not wait for torch
+            # (docs/deploy.md, "After the last shard").
+            with open(f"/proc/{info['pid']}/maps") as f:
+                stitcher_libraries.extend(line.rsplit("/", 1)[-1].strip() for line in f if "/" in line)
         if kind == "done" and not done_event.is_set():
             first_done["pid"] = info.worker.pid
             done_event.set()
@@ -215,6 +222,7 @@ def test_replica_killed_mid_shard_costs_a_retry_not_the_job(warm_farm, tmp_path)
     result = job.run()
     watcher.join(timeout=10)
     assert killed, "the replica was never seen mid-shard"
+    assert stitcher_libraries and not [name for name in stitcher_libraries if name.startswith("libtorch")]
     assert exact(out, 25, "ffv1")
     assert result.summary["retried_shards"] >= 1
     print(f"\nkilled replica pid {killed['pid']} mid-shard; {result.summary['retried_shards']} shard(s) retried, "
