@@ -108,9 +108,11 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
               parts: int | None = None) -> Sink:
     """A sink for one segment of `fmt` at `path`.
 
-    mp4 with libx264: given the segment's frame count (`frames`), the sink encodes it as
-    consecutive parts in parallel (see `_PartedMp4Sink`); `parts` overrides how many
-    (None: chosen from this process's cores and the frame size; 1: one encoder).
+    mp4 with libx264, given the segment's frame count (`frames`) and frames of 640x360 or
+    more (or `parts`): the encoder runs on a thread of its own, frames waiting for it in memory (see
+    `_PartedMp4Sink`), so that its uneven pace never holds the frame pipeline's buffers;
+    `parts` > 1 encodes the segment as that many consecutive parts side by side; `parts=1`
+    is one encoder called from the writer's thread.
     """
     fmt = check_format(fmt)
     if width <= 0 or height <= 0:
@@ -120,12 +122,13 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
     if frames is not None and frames < 1:
         raise ValueError(f"a segment of {frames} frames")
     if fmt == "mp4":
-        if frames is not None and encoder != "h264_nvenc" and parts != 1:
+        # NVENC is one fast stream on its own engine: never split or queue it.
+        queued = parts is not None or width * height >= MIN_PARTED_PIXELS
+        if (frames is not None and encoder != "h264_nvenc" and parts != 1 and queued
+                and (encoder == "libx264" or not nvenc_available(width, height))):
             sizes, part_threads = plan_parts(frames, width, height, available_cores(), parts)
-            # NVENC is one fast stream on its own engine: never split it.
-            if len(sizes) > 1 and (encoder == "libx264" or not nvenc_available(width, height)):
-                return _PartedMp4Sink(path, width, height, fps, sizes, crf=crf, preset=preset,
-                                      threads=part_threads)
+            return _PartedMp4Sink(path, width, height, fps, sizes, crf=crf, preset=preset,
+                                  threads=part_threads)
         return _Mp4Sink(path, width, height, fps, encoder=encoder, crf=crf, preset=preset, threads=threads)
     if fmt in _MKV_ALIASES:
         return _Ffv1Sink(path, width, height, fps, threads=threads)
@@ -137,7 +140,8 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
 
 # A part shorter than this pays its IDR frame over too few frames (bytes).
 MIN_PART_FRAMES = 12
-# Below this many pixels a frame encodes so fast that one encoder keeps up.
+# Below this many pixels libx264 is called from the writer's thread: a frame encodes so fast
+# that a thread of its own gains nothing.
 MIN_PARTED_PIXELS = 640 * 360
 # Decoded frames that may wait for their part's encoder (about 370 frames of 720p I420).
 _BUFFER_BYTES = 512 * 2**20
@@ -155,21 +159,22 @@ def available_cores() -> int:
 
 def plan_parts(frames: int, width: int, height: int, cores: int, parts: int | None = None
                ) -> tuple[list[int], list[int]]:
-    """Consecutive part sizes for a segment of `frames` frames, and libx264 threads for each.
+    """Consecutive part sizes for a segment of `frames` frames, and libx264 threads for each
+    (0: libx264 chooses by core count).
 
-    Each part is a closed H.264 stream of its own encoder, encoded beside the others and
-    appended to the segment as soon as it is done. Frames reach the sink in order, as fast as
-    the decoder makes them, so what is left after the last frame is the last part's encoding
-    (libx264 holds back its lookahead, about 10 frames, until it is flushed). The parts
-    therefore double in size from the end, the last MIN_PART_FRAMES long, and few parts mean
-    few extra IDR frames. Every part has a thread per core: a part encoding alone (the first,
-    while its frames arrive) then uses them all, and parts that overlap share them, which
-    costs less than cores left idle when the host is the bottleneck (random-weight 720p on
-    8 cores of an H200 host). `parts` overrides the count (1: one encoder).
+    None (the default): one part, one encoder with libx264's own frame threads. On 8 cores of
+    an H200 host it keeps up with the fast decoder at 720p with about half of them busy, and
+    its flush after the last frame (about 0.19 s) is shorter than any split's (0.33 s:
+    docs/benchmarks.md), since libx264 holds back its lookahead, about 10 frames, until it is
+    flushed, and a split's last part is all lookahead.
+    `parts` > 1 (a host too slow for one encoder): parts encoded side by side and appended to
+    the segment as each finishes; they double in size from the end, the last MIN_PART_FRAMES
+    long, so that few parts mean few extra IDR frames and little left after the last frame;
+    each has a thread per core, shared where parts overlap.
     """
-    if parts is None and (cores < 2 or width * height < MIN_PARTED_PIXELS):
-        parts = 1
-    limit = max(1, frames // MIN_PART_FRAMES) if parts is None else max(1, min(parts, frames // MIN_PART_FRAMES))
+    if parts is None or cores < 2:
+        return [frames], [0]
+    limit = max(1, min(parts, frames // MIN_PART_FRAMES))
     tail: list[int] = []  # from the end
     left, size = frames, MIN_PART_FRAMES
     while len(tail) + 1 < limit and left - size >= size:
@@ -390,11 +395,12 @@ class _Mp4Part(_Mp4Sink):
 
 
 class _PartedMp4Sink:
-    """An mp4 segment encoded as consecutive parts by libx264 encoders side by side, then joined.
+    """An mp4 segment encoded by libx264 on threads of its own: one encoder, or consecutive parts.
 
-    Each part is a closed H.264 stream of its own encoder (the same codec parameters as every
-    other part, so one stream header serves them all), encoded into memory by its own thread.
-    A joiner thread appends each finished part, in order, to the segment (actors/concat.py:
+    One part: its encoder writes the segment itself, from its own thread. Several: each part
+    is a closed H.264 stream of its own encoder (the same codec parameters as every other
+    part, so one stream header serves them all), encoded into memory by its own thread, and a
+    joiner thread appends each finished part, in order, to the segment (actors/concat.py:
     packets copied, timestamps shifted, frame counts and timestamps checked), so that when
     the last frame arrives only the last parts are left to encode and join. The segment
     appears at `path` complete or not at all. Frames are copied on arrival, since the frame
@@ -426,20 +432,28 @@ class _PartedMp4Sink:
         self._parts: list[_Part] = []
         self._state = "open"
         self._seconds = 0.0
-        self._concat = StreamingConcat("mp4", self.path, fps)
+        # One part writes the segment itself; several are joined into it.
+        self._concat = StreamingConcat("mp4", self.path, fps) if len(sizes) > 1 else None
         # The first part's encoder opens now, so that one that cannot run fails in open_sink.
         try:
             self._open_part()
         except BaseException:
-            self._concat.abort()
+            if self._concat is not None:
+                self._concat.abort()
             raise
-        self._joiner = threading.Thread(target=self._join_parts, name="framefarm-x264-join", daemon=True)
-        self._joiner.start()
+        self._joiner = None
+        if self._concat is not None:
+            self._joiner = threading.Thread(target=self._join_parts, name="framefarm-x264-join", daemon=True)
+            self._joiner.start()
 
     def _open_part(self) -> _Part:
         index = len(self._parts)
-        sink = _Mp4Part(f"{self.path}#part{index}", self.width, self.height, self.fps,
-                        threads=self.threads[index], **self._options)
+        if self._concat is None:
+            sink = _Mp4Sink(self.path, self.width, self.height, self.fps, encoder="libx264",
+                            threads=self.threads[index], **self._options)
+        else:
+            sink = _Mp4Part(f"{self.path}#part{index}", self.width, self.height, self.fps,
+                            threads=self.threads[index], **self._options)
         part = _Part(self, index, sink, self.sizes[index])
         with self._cond:
             self._parts.append(part)
@@ -527,18 +541,24 @@ class _PartedMp4Sink:
             if self.frames != self.total:
                 raise ValueError(f"{self.path}: {self.frames} frames written, the segment was opened for "
                                  f"{self.total}")
-            while self._joiner.is_alive():
+            if self._concat is None:
+                part = self._parts[0]
+                part.join(self._raise_failure)
                 self._raise_failure()
-                self._joiner.join(_POLL_S)
-            self._raise_failure()
-            joined = self._concat.close()
+                size = part.result.bytes
+            else:
+                while self._joiner.is_alive():
+                    self._raise_failure()
+                    self._joiner.join(_POLL_S)
+                self._raise_failure()
+                size = self._concat.close().bytes
         except BaseException:
             self.abort()
             raise
         finally:
             self._seconds += time.perf_counter() - start
         self._state = "closed"
-        return SinkResult(self.path, self.total, joined.bytes, time.perf_counter() - start, self._seconds, self.codec)
+        return SinkResult(self.path, self.total, size, time.perf_counter() - start, self._seconds, self.codec)
 
     def abort(self) -> None:
         if self._state in ("closed", "aborted"):
@@ -547,8 +567,9 @@ class _PartedMp4Sink:
         self._stop.set()
         for part in self._parts:
             part.join(None, timeout=_ABORT_JOIN_S)
-        self._joiner.join(_ABORT_JOIN_S)
-        self._concat.abort()
+        if self._concat is not None:
+            self._joiner.join(_ABORT_JOIN_S)
+            self._concat.abort()
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -559,8 +580,9 @@ class _PartedMp4Sink:
 class _Part:
     """One part of a `_PartedMp4Sink`: its encoder, fed from a queue by its own thread."""
 
-    def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Part, size: int):
+    def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Sink, size: int):
         self.owner, self.sink, self.size = owner, sink, size
+        self.result: SinkResult | None = None
         self.received = 0
         self.queue: queue.Queue = queue.Queue()
         self.finished = threading.Event()  # encoded and closed, or given up
@@ -585,7 +607,7 @@ class _Part:
                 self.sink.write(frames)
                 encoded += len(frames)
                 self.owner._done_with(len(frames))
-            self.sink.close()
+            self.result = self.sink.close()
         except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
             self.sink.abort()
             self.owner._failed(exc)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--latent-frames", type=int, default=41, help="default: 41 (161 frames)")
     p.add_argument("--runs", type=int, default=3, help="runs in a row (default: 3)")
     p.add_argument("--variants", type=parse_list, default=["a", "c", "c1", "d"],
-                   help="subset of a,c,c1,d (default: all); c1 is (c) with one libx264 encoder, for bytes")
+                   help="subset of a,c,c1,d (default: all); c1 is (c) with parts=1: libx264 called from the pipeline's host thread")
     p.add_argument("--parts", default="auto",
                    help="the mp4 sink's parts for (c): auto (as a worker chooses), or a count; 1: one encoder")
     p.add_argument("--crf", type=int, default=18)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 def _print_run(row: dict, args, width: int, height: int) -> None:
     print(f"\nrun {row['run']}: {width}x{height} x {args.latent_frames} latent frames", flush=True)
     names = {"a": "(a) diffusers fp32 decode + encode", "c": "(c) framefarm bf16 pipeline",
-             "c1": "(c) with one libx264 encoder", "d": "(d) framefarm bf16 decode alone"}
+             "c1": "(c), encoder in the host thread", "d": "(d) framefarm bf16 decode alone"}
     table = []
     for k in ("a", "c", "c1", "d"):
         if k in row:

@@ -252,20 +252,46 @@ def test_encoder_probe_answers_yes_and_no_with_real_encoders():
 def test_parts_double_from_the_end_cover_the_segment_and_follow_the_cores():
     from actors.sinks import MIN_PART_FRAMES, plan_parts
 
+    # The default: one encoder, libx264 choosing its frame threads.
+    assert plan_parts(161, 1280, 720, cores=8) == ([161], [0])
     for frames in (24, 40, 161, 321, 2001):
-        sizes, threads = plan_parts(frames, 1280, 720, cores=8)
+        sizes, threads = plan_parts(frames, 1280, 720, cores=8, parts=20)
         assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES
         # The last part is the shortest; each before it is twice the next, except the first,
         # which takes what is left. Every part has a thread per core.
         assert sizes[-1] == MIN_PART_FRAMES and threads == [8] * len(sizes)
         assert all(a == 2 * b for a, b in zip(sizes[1:-1], sizes[2:]))
-    assert plan_parts(161, 1280, 720, cores=8) == ([77, 48, 24, 12], [8, 8, 8, 8])
-    assert plan_parts(161, 1280, 720, cores=2)[1] == [2, 2, 2, 2]
-    # One encoder: a single core, frames too small to be worth it, too few frames, or asked.
-    for args, kwargs in [((161, 1280, 720, 1), {}), ((161, W, H, 8), {}), ((20, 1280, 720, 8), {}),
+    assert plan_parts(161, 1280, 720, cores=8, parts=4) == ([77, 48, 24, 12], [8, 8, 8, 8])
+    assert plan_parts(161, 1280, 720, cores=2, parts=4)[1] == [2, 2, 2, 2]
+    # One encoder: a single core, too few frames, or asked.
+    for args, kwargs in [((161, 1280, 720, 1), {"parts": 4}), ((20, 1280, 720, 8), {"parts": 4}),
                          ((161, 1280, 720, 8), {"parts": 1})]:
         assert plan_parts(*args, **kwargs) == ([args[0]], [0])
     assert plan_parts(161, W, H, 2, parts=3) == ([125, 24, 12], [2, 2, 2])
+
+
+def test_one_queued_encoder_by_default_above_640x360_and_in_the_callers_thread_below(tmp_path):
+    from actors.sinks import _Mp4Sink, _PartedMp4Sink
+
+    big = open_sink("mp4", str(tmp_path / "big.mp4"), 640, 360, 16, encoder="libx264", frames=13)
+    assert isinstance(big, _PartedMp4Sink) and big.sizes == [13]
+    frames = np.full((13, 360 * 3 // 2, 640), 128, np.uint8)  # neutral chroma
+    frames[:, :360] = 16 + np.arange(13, dtype=np.uint8)[:, None, None] * 16  # a brighter grey each frame
+    for i in range(0, 13, 4):
+        chunk = frames[i:i + 4].copy()
+        big.write(chunk)
+        chunk[:] = 255  # the pipeline reuses its buffer at once: the sink kept its own copy
+    result = big.close()
+    assert result.frames == 13 and result.bytes == os.path.getsize(big.path)
+    grey = [float(f.mean()) for f in read_frames(big.path, "mp4")]
+    assert len(grey) == 13 and all(b - a > 10 for a, b in zip(grey, grey[1:]))  # every frame once, in order
+    small = open_sink("mp4", str(tmp_path / "small.mp4"), W, H, 16, encoder="libx264", frames=13)
+    assert isinstance(small, _Mp4Sink)
+    small.abort()
+    aborted = open_sink("mp4", str(tmp_path / "aborted.mp4"), 640, 360, 16, encoder="libx264", frames=13)
+    aborted.write(frames[:4])
+    aborted.abort()
+    assert visible(tmp_path) == ["big.mp4"]
 
 
 @pytest.mark.parametrize("layout", ["rgb24", "yuv420p"])
