@@ -203,12 +203,14 @@ def test_s3_stalled_then_cut_mid_render_a_rerun_ends_exact_and_leaves_no_scratch
     first_keys = _keys(admin, bucket, f"{out}/{first['prefix']}/")
 
     # B: S3 cut for good, first at a worker's upload of its second segment, then (B again)
-    # at the stitcher's upload of the fifth frame of the video. Each time the job fails in
-    # bounded time with one line that names the endpoint (the CLI prints it after
+    # at the stitcher's upload of the fifth frame of the video, then (B once more) at the
+    # driver's upload of render.json, the commit point of a publication. Each time the job
+    # fails in bounded time with one line that names the endpoint (the CLI prints it after
     # "framefarm: job failed:"), and A stays published and whole.
-    for where in (_segment_upload(bucket, out), _frame_upload(bucket, out)):
+    publication = rb"PUT /" + bucket.encode() + b"/" + out.encode() + rb"/render\.json "
+    for where, nth in ((_segment_upload(bucket, out), 2), (_frame_upload(bucket, out), 5), (publication, 1)):
         proxy.reset()
-        proxy.on_request(where, "cut", nth=2 if where.endswith(rb"\.tar ") else 5)
+        proxy.on_request(where, "cut", nth=nth)
         with pytest.raises(Exception) as failed:
             submit(pattern_latents(5, 96, 128), uri, max_attempts=2, **job_b).wait(timeout=300)
         line = f"{type(failed.value).__name__}: {failed.value}"
