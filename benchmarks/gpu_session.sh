@@ -33,8 +33,8 @@ STATUS="$OUT/session.txt"
 # Bytecode first, as a production node has it: pip compiles .pyc files at install, but the
 # device bundle's site folder (unpacked from .device-bundle/site.tar.xz) ships without them,
 # and a cold worker would compile every module it imports (diffusers, ray, av...) itself.
-# Each PYTHONPATH folder outside the repository, and the interpreter's torch, that has no
-# __pycache__ is compiled here, timed, before any step runs.
+# Each PYTHONPATH folder outside the repository, the interpreter's torch and the worker's own
+# packages, where one has no __pycache__, is compiled here, timed, before any step runs.
 bytecode() {
   local dirs=() d
   IFS=: read -r -a entries <<< "${PYTHONPATH:-}"
@@ -43,6 +43,7 @@ bytecode() {
   done
   d=$(python -c "import importlib.util as u, os; s = u.find_spec('torch'); print(os.path.dirname(os.path.dirname(s.origin)) if s else '')" 2>/dev/null)
   [[ -n "$d" ]] && dirs+=("$d/torch")
+  dirs+=("$PWD/actors" "$PWD/infra")  # the worker's own code, as an installed wheel has it
   for d in "${dirs[@]}"; do
     if [[ -n "$(find "$d" -maxdepth 3 -name __pycache__ -print -quit 2>/dev/null)" ]]; then
       echo "bytecode: $d already has __pycache__"
