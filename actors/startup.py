@@ -49,9 +49,11 @@ class Phase:
 class StartupReport:
     """A worker's start-up: its phases in order, and what it did about compiled code.
 
-    Phases from the worker process (`process`, `imports`, `device`) come once per worker;
-    those of a decoder (`weights`, `compile-cache-load`, `first-step`, `compile`,
-    `compile-cache-save`) once per decoder spec and frame size the worker prepares.
+    Phases from the worker process (`process`, `imports`, `device`, and on a thread of its
+    own `compiler-import`) come once per worker; those of a decoder (`weights`,
+    `compiler-import-wait`, `compile-cache-load`, `first-step`, `compile` or `warm-up`,
+    `compiled-steps`, `graph-capture`, `compile-cache-save`) once per decoder spec and frame
+    size the worker prepares.
     """
 
     phases: list[Phase] = field(default_factory=list)

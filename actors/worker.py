@@ -251,13 +251,23 @@ class ShardWorker:
         warm = torch.zeros(decoder.z_dim, steps, latent_height, latent_width, device=self.device)
         chunks = decoder.stream(warm)
         size = f"{latent_width}x{latent_height} latents"
-        with self._clock.phase("first-step", size):
-            next(chunks)
-            self._sync()
-        with self._clock.phase("compile" if compiles(decoder) else "warm-up", f"{steps - 1} steady steps, {size}"):
-            for _ in chunks:
-                pass
-            self._sync()
+        compiled = compiles(decoder)
+        graphs = bool(getattr(getattr(decoder, "options", None), "cuda_graphs", False))
+        # A phase per step, to see where a warm-up goes: the stream's first step (eager), the
+        # first steady one (dynamo traces every region, inductor compiles or loads its code;
+        # cuDNN autotunes), further steady steps, the CUDA graph's capture.
+        for i in range(steps):
+            if i == 0:
+                name = "first-step"
+            elif i == 1:
+                name = "compile" if compiled else "warm-up"
+            elif graphs and i == steps - 1:
+                name = "graph-capture"
+            else:
+                name = "compiled-steps" if compiled else "warm-up"
+            with self._clock.phase(name, f"step {i + 1} of {steps}, {size}"):
+                next(chunks)
+                self._sync()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -30,8 +30,10 @@ first step is the worker's warm-up step (zeros at the job's size); a job's first
 starts after ready, since its shard waits for `check_input` (weights, compile warm-up)
 before it decodes. Per run, the breakdown in seconds: process start, imports, device (CUDA
 context), weights, the compiler's import on its background thread (and how long the main
-thread then waited for it), compile-cache load, first step, compile warm-up (dynamo tracing,
-inductor's code loaded or compiled, CUDA graph capture), cache save.
+thread then waited for it), compile-cache load, first step, the compiled warm-up (`compile`:
+the first steady step, where dynamo traces every region and inductor's code is loaded or
+compiled; `compiled-steps`; `graph-capture`: the CUDA graph's capture), cache save. Before
+2026-12-02 `compile` covered all three.
 
 What a production node sees: its Python packages' bytecode compiled (pip compiles .pyc at
 install; `bytecode` in the JSON says, per package, whether its .pyc files were there when
@@ -85,7 +87,8 @@ from benchmarks.common import parser, write_json  # noqa: E402
 RUNS = ("no-cache", "cache", "cache-inline", "off")
 # The breakdown's columns: start-up phases by name, in the order a worker runs them.
 BREAKDOWN = ("process", "imports", "device", "weights", "compiler-import", "compiler-import-wait",
-             "compile-cache-load", "first-step", "compile", "warm-up", "compile-cache-save")
+             "compile-cache-load", "first-step", "compile", "compiled-steps", "graph-capture", "warm-up",
+             "compile-cache-save")
 
 
 def parse_args(argv=None):
