@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from actors.wan_topology import CACHE_FRAMES, Layer, Res, Topology, Up, topology, variant_name
-from actors.wan_weights import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, random_decoder_weights, read_wan_vae  # noqa: F401
+from actors.wan_weights import (CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,  # noqa: F401
+                                random_decoder_weights, read_wan_vae)
 EPS = 1e-12  # F.normalize's: a zero vector stays zero, as in diffusers
 # A probe sees (event, stage): "stage" where a stage begins, "conv" / "glue" around each
 # convolution, "end" after the step's last kernel (benchmarks time these with CUDA events).
