@@ -37,6 +37,15 @@ class InputError(ValueError):
     """Bad user input, reported before any GPU work and before anything is written."""
 
 
+class ShardWithdrawn(RuntimeError):
+    """The driver no longer wants this copy of a shard (another copy committed it): the
+    worker stopped it and wrote nothing."""
+
+
+class SegmentTaken(RuntimeError):
+    """Another copy of the shard claimed its segment key first; this copy committed nothing."""
+
+
 # -- frame arithmetic -------------------------------------------------------------------------
 
 
@@ -111,6 +120,17 @@ def segment_key(fingerprint: str, shard: Shard, fmt: str) -> str:
 def sidecar_key(key: str) -> str:
     """Written after the segment itself: its presence marks the segment as committed."""
     return key + ".json"
+
+
+def claim_key(key: str, attempt: int) -> str:
+    """Created exclusively by the one copy of a shard's attempt that may commit its segment:
+    with a backup copy (same attempt) running, the first to finish claims the key and the
+    other commits nothing. A retry is a new attempt: a claim its lost predecessor left does
+    not block it."""
+    return f"{key}.a{attempt}{CLAIM_SUFFIX}"
+
+
+CLAIM_SUFFIX = ".claim"
 
 
 # -- the job spec -----------------------------------------------------------------------------
@@ -189,6 +209,8 @@ class RenderSpec(BaseModel):
     stall_s: float = Field(300.0, gt=0, description="seconds a running shard may go without a decode step "
                                                     "before it is abandoned, re-run elsewhere and its worker "
                                                     "replaced (a first step includes loading and compiling)")
+    backups: bool = Field(True, description="when workers fall idle at the end of a job, run a backup copy of "
+                                            "the slowest running shard on one; the first copy to commit wins")
     keep_segments: bool = Field(False, description="keep shard segments after the video is committed")
     overwrite: bool = Field(False, description="replace the render of another job already in OUTPUT "
                                                "(default: refuse; the same job again is already rendered)")

@@ -67,6 +67,11 @@ class _DecodeWorker:
         """Answered while a shard runs (its own thread): the driver's stall watch."""
         return self.worker.progress()
 
+    @ray.method(concurrency_group="watch")
+    def withdraw(self, job_id: str, shard_index: int) -> None:
+        """Another copy of the shard committed: this one stops (answered mid-shard)."""
+        self.worker.withdraw(job_id, shard_index)
+
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
         t = time.perf_counter()
         record = self.worker.render_shard(task, latents)

@@ -21,13 +21,15 @@ from actors.compile_cache import (CompileCache, cache_facts, compile_cache_key, 
                                   inductor_counts, runtime_facts)
 from actors.decoders import Decoder, TestPatternDecoder
 from actors.pipeline import run_pipeline
-from actors.protocol import (DecoderSpec, InputError, LatentSlice, SegmentRecord, ShardTask, WorkerInfo, segment_suffix,
+from actors.protocol import (DecoderSpec, InputError, LatentSlice, SegmentRecord, SegmentTaken, ShardTask,
+                             ShardWithdrawn, WorkerInfo, claim_key, segment_suffix,
                              sidecar_key)
 from actors.sinks import nvenc_available, open_sink
 from actors.startup import (COMPILE_FAILED, COMPILE_HIT, COMPILE_MISS, COMPILER_MODULES, BackgroundImport, StartupClock,
                             StartupReport)
 from infra.checksum import sha256_file
 from infra.scratch import make_scratch, sweep_stale
+from infra.staged import move_into_place, tmp_sibling
 from infra.storage import download_prefix, is_s3, open_store
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -163,12 +165,31 @@ class ShardWorker:
         self._prepared: set[tuple[DecoderSpec, int, int]] = set()
         self._compile = StartupReport()  # what the last prepared decoder did about compiled code
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
+        self._withdrawn: set[tuple[str, int]] = set()  # (job, shard) copies the driver no longer wants
 
-    def _counted(self, chunks):
-        """The decoder's chunks, counted as they come: the progress a watcher reads."""
+    def _counted(self, chunks, task: ShardTask):
+        """The decoder's chunks, counted as they come (the progress a watcher reads); stopped
+        at the next step once the driver withdraws this copy."""
         for chunk in chunks:
+            self._check_wanted(task)
             self.steps += 1
             yield chunk
+
+    def withdraw(self, job_id: str, shard_index: int) -> None:
+        """The driver no longer wants this worker's copy of the shard (another copy committed
+        it): called from another thread, it stops the copy at its next decode step, or before
+        it commits; a copy not yet started stops at once."""
+        self._withdrawn.add((job_id, shard_index))
+
+    def _check_wanted(self, task: ShardTask) -> None:
+        if (task.job_id, task.shard.index) in self._withdrawn:
+            raise ShardWithdrawn(f"shard {task.shard.index}: another copy committed it; this copy stopped")
+
+    def _claim(self, store, task: ShardTask) -> None:
+        """Take the right to commit the shard's segment, or learn that another copy has it."""
+        holder = f"{self.info.hostname} pid {self.info.pid} attempt {task.attempt}"
+        if not store.create_bytes(claim_key(task.segment_key, task.attempt), holder.encode()):
+            raise SegmentTaken(f"shard {task.shard.index}: another copy claimed its segment first")
 
     def progress(self) -> int:
         """Decode steps taken since the worker started: it moves while a shard makes progress."""
@@ -313,6 +334,8 @@ class ShardWorker:
         Returns the segment's record (also written as its sidecar); the frames go to storage.
         """
         shard = task.shard
+        self._withdrawn = {w for w in self._withdrawn if w[0] == task.job_id}  # older jobs' are done
+        self._check_wanted(task)
         shared = isinstance(latents, LatentSlice)
         if shared:
             latents = latents.tensor()
@@ -327,10 +350,11 @@ class ShardWorker:
         decoder = self.decoder(decode.decoder)
         height, width = size["height"], size["width"]
         store = open_store(task.output_uri)
-        # A local store gets the segment written in place (the sink renames it in when
-        # complete): copying a few hundred MB after the shard would lengthen every shard.
+        # A local store gets the segment written in place, under a name of this copy's own
+        # (hidden, as a partial file's) that becomes the key once claimed: copying a few
+        # hundred MB after the shard would lengthen every shard.
         in_store = store.local_path(task.segment_key)
-        local = in_store or os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
+        local = (in_store and tmp_sibling(in_store, f".a{task.attempt}")) or os.path.join(self.scratch_dir, f"{task.job_id}-{shard.index:05d}-a{task.attempt}"
                                          f"{segment_suffix(encode.format)}")
         # A GPU copy is made anyway; on the CPU, copy Ray's read-only memory too, so that
         # nothing in the decode can ever write into the object store.
@@ -348,22 +372,26 @@ class ShardWorker:
                          crf=encode.crf, preset=encode.preset, threads=encode.threads,
                          frames=shard.frame_count)
         pipeline_started = time.time()
-        chunks = self._counted(chunks)
+        chunks = self._counted(chunks, task)
         report, result = run_pipeline(chunks, sink, drop=drop, depth=decode.ring_depth,
                                       device=self.device, ring=self._ring)
         pipeline_ended = time.time()
-        committed = False
         try:
             if result.frames != shard.frame_count:
                 raise RuntimeError(f"shard {shard.index}: wrote {result.frames} frames, "
                                    f"expected {shard.frame_count}")
             sha256 = sha256_file(result.path)
+            self._check_wanted(task)
+            # One copy commits: a backup copy finishing second neither replaces the first's
+            # segment (its bytes may differ: another GPU's encoder) nor deletes it.
+            self._claim(store, task)
             if in_store is None:
                 store.put_file(result.path, task.segment_key)
-            committed = True
+            else:
+                move_into_place(result.path, in_store)
         finally:
-            # Scratch copies always go; a segment written in place goes unless it is good.
-            if (in_store is None or not committed) and os.path.exists(result.path):
+            # This copy's own file (scratch, or the in-place name not moved to the key).
+            if os.path.exists(result.path):
                 os.remove(result.path)
         record = SegmentRecord(
             job_id=task.job_id, shard=shard, key=task.segment_key, frames=result.frames, bytes=result.bytes,

@@ -45,6 +45,10 @@ from actors.worker import ShardWorker
 
 log = logging.getLogger("framefarm")
 
+# A withdrawn copy stops at its worker's next decode step; a worker that has not returned
+# from it after this long is stuck (stopped, hung) and is replaced.
+WITHDRAW_GRACE_S = 60.0
+
 Worker = Hashable  # a pool's handle on one worker; opaque to the driver
 Handle = Hashable  # a pool's handle on one submitted shard
 
@@ -177,6 +181,12 @@ class WorkerPool(ABC):
         """The job no longer wants this work (it is ending): stop it as far as the pool can."""
 
     @abstractmethod
+    def withdraw(self, handle: Handle, worker: Worker, job_id: str, shard_index: int) -> None:
+        """The job no longer wants this copy of a shard (another copy committed it), but the
+        worker is sound: ask it to stop the copy (it commits nothing), and take the worker
+        back once the call returns. The caller does not wait on `handle` again."""
+
+    @abstractmethod
     def start_stitcher(self, output_uri: str, fmt: str, fps: int, shard_count: int,
                        video_prefix: str = "") -> JobStitcher:
         """A stitcher of segments under `output_uri` into a video under `video_prefix` there."""
@@ -241,6 +251,7 @@ class RayPool(WorkerPool):
         self._pending: dict = {}  # describe ref -> actor still starting
         self._claimed: set = set()  # actors lent to a job
         self._probes: dict = {}  # actor -> its unanswered progress() call
+        self._returning: dict = {}  # ref of a withdrawn copy -> (its actor, when withdrawn)
         self._pending_gauge = metrics.Gauge("framefarm_pending_shards", "Shards not yet committed",
                                             tag_keys=("job",))
         self.spawn(workers)
@@ -281,6 +292,7 @@ class RayPool(WorkerPool):
 
     def claim(self, n: int) -> list:
         self.poll_ready()
+        self._take_back()
         with self._lock:
             idle = [a for a in self.actors if a not in self._claimed][:max(n, 0)]
             self._claimed.update(idle)
@@ -386,6 +398,29 @@ class RayPool(WorkerPool):
         else:
             ray.cancel(handle, force=False)  # a job's own pool is shut down anyway
 
+    def withdraw(self, handle, actor, job_id: str, shard_index: int) -> None:
+        actor.withdraw.remote(job_id, shard_index)  # answered by its watch thread mid-shard
+        with self._lock:
+            self._returning[handle] = (actor, time.monotonic())
+
+    def _take_back(self) -> None:
+        """Workers of withdrawn copies that have returned are free again; stuck ones are replaced."""
+        with self._lock:
+            refs = list(self._returning)
+        if not refs:
+            return
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        now = time.monotonic()
+        with self._lock:
+            stuck = [ref for ref in refs if ref not in done and now - self._returning[ref][1] > WITHDRAW_GRACE_S]
+            for ref in done:
+                self._claimed.discard(self._returning.pop(ref)[0])
+            stuck_actors = [self._returning.pop(ref)[0] for ref in stuck]
+        for actor in stuck_actors:
+            log.warning("a decode worker did not stop a withdrawn shard copy within %.0f s; replacing it",
+                        WITHDRAW_GRACE_S)
+            self.replace(actor)
+
     def start_stitcher(self, output_uri: str, fmt: str, fps: int, shard_count: int,
                        video_prefix: str = "") -> JobStitcher:
         return RayStitcher(output_uri, fmt, fps, shard_count, video_prefix)
@@ -402,6 +437,7 @@ class RayPool(WorkerPool):
             self._pending.clear()
             self._claimed.clear()
             self._probes.clear()
+            self._returning.clear()
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=10)
         for actor in actors:
@@ -493,6 +529,7 @@ class _ThreadWorker:
         self.worker = make()
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"framefarm-worker-{self.id}")
         self.lost = False
+        self.replaced = False
 
     def __repr__(self) -> str:
         return f"<in-process worker {self.id}{' (lost)' if self.lost else ''}>"
@@ -614,17 +651,29 @@ class InProcessPool(WorkerPool):
 
     def replace(self, worker: _ThreadWorker) -> None:
         with self._lock:
-            known = not worker.lost
+            first, worker.replaced = not worker.replaced, True  # once, however many report it
         self.lose(worker)
-        if known:
+        if first:
             self._start()
 
     def abandon(self, handle: Future, worker: _ThreadWorker) -> None:
         # A running call cannot be stopped: a queued one is cancelled, and the worker of a
         # running one is replaced, so that it writes nothing a later job expects.
         inner = getattr(handle, "inner", None)
-        if inner is None or not inner.cancel():
+        if inner is not None and (inner.done() or inner.cancel()):
+            self.release(worker)  # it ran to its end, or never started: the worker is free
+        else:
             self.replace(worker)
+
+    def withdraw(self, handle: Future, worker: _ThreadWorker, job_id: str, shard_index: int) -> None:
+        worker.worker.withdraw(job_id, shard_index)
+        with self._lock:
+            self._calls.pop(handle, None)
+        inner = getattr(handle, "inner", None)
+        if inner is None:
+            self.release(worker)
+        else:
+            inner.add_done_callback(lambda _: self.release(worker))
 
     def start_stitcher(self, output_uri: str, fmt: str, fps: int, shard_count: int,
                        video_prefix: str = "") -> JobStitcher:

@@ -13,6 +13,7 @@ without writing anything:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import sys
 import threading
 import time
@@ -34,8 +36,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from actors.stitcher import SegmentError
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
-from actors.protocol import (InputError, LatentSlice, RenderSpec, SegmentRecord, Shard, segment_key, shard_task,
-                             sidecar_key)
+from actors.protocol import (InputError, LatentSlice, RenderSpec, SegmentRecord, SegmentTaken, Shard,
+                             ShardWithdrawn, CLAIM_SUFFIX, segment_key, shard_task, sidecar_key)
 from actors.startup import StartupClock
 from cluster.dispatch import (Handle, JobCancelled, JobStitcher, RayPool, ShardFailed, StitcherLost, Worker,
                               WorkerLost, WorkerPool, resolve_workers)
@@ -50,6 +52,11 @@ from infra.lease import DEFAULT_TTL_S, Lease, LeaseHeld, LeaseLost, Renewer
 from infra.storage import LocationError, check_access, open_store
 
 log = logging.getLogger("framefarm")
+
+# A running shard gets a backup copy on an idle worker (when no shard waits) once it has run
+# this many times as long as the job's median shard: long enough that shards taking their
+# usual time finish first, short enough that a stuck one is overtaken long before stall_s.
+BACKUP_AFTER = 1.5
 
 
 @dataclass
@@ -156,6 +163,10 @@ class RenderJob:
         self._renewer: Renewer | None = None
         self._lease_lost: BaseException | None = None
         self.stalled_shards = 0
+        self.backup_shards = 0  # backup copies started
+        self.backup_wins = 0  # shards whose backup copy committed first
+        self._shard_seconds: list[float] = []  # dispatch to result, of this job's committed shards
+        self._incidents: list[dict] = []  # stalls and backups, for the timeline
         self._previous: dict | None = None  # the render OUTPUT showed when this job took it
         self._already: dict | None = None  # this job's own render, already published whole
         self._latents = latents
@@ -324,6 +335,12 @@ class RenderJob:
                 self.segments_committed = len(metas)
                 todo = deque((shard, 1) for shard in plan.shards if shard.index not in metas)
 
+        # Claims an interrupted run left (their claimants gone before committing) would keep
+        # this run's copies of the same attempts from committing. No writer runs yet.
+        committed = {m.key for m in metas.values()}
+        for key in store.list(self._segments_folder + "/"):
+            if key.endswith(CLAIM_SUFFIX) and key.rpartition(".a")[0] not in committed:
+                store.delete(key)
         removed = sweep(store, keep={job_id})
         if removed:
             log.info("job %s: removed %d leftovers of interrupted runs from %s", job_id, len(removed), spec.output)
@@ -340,6 +357,8 @@ class RenderJob:
                 link.add(metas[i].segment)
             while True:
                 self._render_shards(plan, latents, job_id, todo, metas, link, encoder)
+                if self.cancelled.is_set():  # every shard done, but the video is not: it never will be
+                    raise JobCancelled(f"job {job_id} cancelled")
                 try:
                     stitch = link.finish()
                     break
@@ -430,7 +449,8 @@ class RenderJob:
 
     def _render_shards(self, plan, latents, job_id, todo, metas, link, encoder):
         """Hand shards to free workers until every one is committed: retry those whose worker
-        was lost, and those that failed in a way that may pass; abandon stalled ones."""
+        was lost, and those that failed in a way that may pass; abandon stalled ones; once no
+        shard waits, back up the slowest running one on a worker that fell idle."""
         spec, pool = self.spec, self.pool
         bar = tqdm(total=plan.frame_count, unit="frame", desc="render", disable=not self.show_progress,
                    file=sys.stderr, mininterval=1.0)
@@ -474,8 +494,11 @@ class RenderJob:
                     # Shards wait and no worker is up: every one died. Wait for the replacements.
                     pool.wait_ready(self.startup_timeout_s, self.cancelled)
                     continue
+                if spec.backups and not todo:
+                    self._back_up(inflight, dispatch)
                 for handle in pool.wait_any(list(inflight), timeout_s=1.0):
-                    self._settle(handle, inflight.pop(handle), inflight, todo, metas, link, plan, bar)
+                    if handle in inflight:  # not withdrawn by an earlier one's commit
+                        self._settle(handle, inflight.pop(handle), inflight, todo, metas, link, plan, bar)
                     shared = {i: s for i, s in shared.items() if i not in metas}  # committed: let go
                 if pool.watches_progress:
                     self._abandon_stalled(inflight, todo)
@@ -487,6 +510,31 @@ class RenderJob:
             for handle, copy in inflight.items():
                 pool.abandon(handle, copy.worker)
 
+    def _back_up(self, inflight: dict, dispatch) -> None:
+        """Workers fell idle with no shard waiting: the slowest running shards (no decode step
+        for the longest, then running the longest) get a second copy each, one per idle
+        worker. Slow means running for more than BACKUP_AFTER times this job's median shard."""
+        if not self._shard_seconds:
+            return  # nothing to compare with yet
+        now, typical = time.monotonic(), statistics.median(self._shard_seconds)
+        copies = collections.Counter(c.shard.index for c in inflight.values())
+        slow = sorted((c for c in inflight.values()
+                       if copies[c.shard.index] == 1 and now - c.dispatched > BACKUP_AFTER * typical),
+                      key=lambda c: (c.moved, c.dispatched))
+        if not slow:
+            return
+        for worker, copy in zip(self.pool.claim(len(slow)), slow):
+            self.backup_shards += 1
+            log.warning("shard %d: running %.1f s (this job's shards take %.1f s); starting a backup copy on an "
+                        "idle worker, the first copy to commit wins", copy.shard.index, now - copy.dispatched, typical)
+            self._incident("backup", copy.shard, copy.attempt)
+            self.on_event("backup", {"shard": copy.shard, "attempt": copy.attempt, "worker": worker})
+            dispatch(worker, copy.shard, copy.attempt, backup=True)
+
+    def _incident(self, name: str, shard: Shard, attempt: int, **detail) -> None:
+        """A stall or a backup, for the timeline."""
+        self._incidents.append({"name": name, "at": time.time(), "shard": shard.index, "attempt": attempt, **detail})
+
     def _retry(self, todo, shard: Shard, attempt: int, why: str) -> bool:
         """Queue the shard again, first in line, unless it had its attempts."""
         if attempt >= self.spec.max_attempts:
@@ -497,12 +545,22 @@ class RenderJob:
         return True
 
     def _settle(self, handle, copy: _Copy, inflight: dict, todo, metas, link, plan, bar) -> None:
-        """One finished call: commit its shard, or retry it, or fail the job."""
+        """One finished call: commit its shard, or retry it, or fail the job. While another copy
+        of the same shard runs, a failed copy is only dropped: the other may still commit."""
         pool, shard, attempt = self.pool, copy.shard, copy.attempt
+        twin = any(c.shard.index == shard.index for c in inflight.values())
         try:
             record = pool.result(handle)
         except ShardFailed as exc:
             pool.release(copy.worker)  # the worker is fine: free for the next shard
+            if shard.index in metas or (twin and (retryable(exc.cause) or
+                                                  isinstance(exc.cause, (SegmentTaken, ShardWithdrawn)))):
+                return  # the other copy committed, or may still
+            if isinstance(exc.cause, (SegmentTaken, ShardWithdrawn)):
+                # The claimant is gone without committing (lost after its claim): again.
+                if not self._retry(todo, shard, attempt, str(exc)):
+                    raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from None
+                return
             # The worker is fine but its shard failed. Worth another try only if the cause
             # may pass (I/O, the network, object storage); bad input or a bug fails the same
             # way every time: the caller gets the worker's own error.
@@ -511,10 +569,22 @@ class RenderJob:
             return
         except WorkerLost as exc:
             pool.replace(copy.worker)  # a replacement, wherever the pool finds room (or none yet)
+            if shard.index in metas or twin:
+                return
             if not self._retry(todo, shard, attempt, f"worker lost ({exc})"):
                 raise RuntimeError(f"shard {shard.index} failed {attempt} times; last: {exc}") from None
             return
         pool.release(copy.worker)
+        if shard.index in metas:
+            return  # cannot happen (one copy claims the segment); never hand the stitcher a shard twice
+        for other, c in [(h, c) for h, c in inflight.items() if c.shard.index == shard.index]:
+            del inflight[other]  # the losing copy: stopped, its worker back to the pool when it returns
+            pool.withdraw(other, c.worker, self.job_id, shard.index)
+        if copy.backup:
+            self.backup_wins += 1
+            log.info("shard %d: the backup copy committed first; the other copy was withdrawn", shard.index)
+            self._incident("backup won", shard, attempt)
+        self._shard_seconds.append(time.monotonic() - copy.dispatched)
         metas[shard.index] = record
         self.segments_committed += 1
         link.add(record.segment)
@@ -529,10 +599,13 @@ class RenderJob:
         self.on_event("done", record)
 
     def _abandon_stalled(self, inflight: dict, todo) -> None:
-        """A shard whose worker took no decode step for stall_s is abandoned: its worker
-        (stopped, hung in a driver call, or behind a dead mount) is replaced, the shard re-run."""
+        """A shard copy whose worker took no decode step for stall_s is abandoned: its worker
+        (stopped, hung in a driver call, or behind a dead mount) is replaced, the shard re-run
+        unless another copy of it still runs."""
         spec, pool, now = self.spec, self.pool, time.monotonic()
         for handle, copy in list(inflight.items()):
+            if handle not in inflight:
+                continue
             steps = pool.steps(copy.worker)
             if steps is not None and steps != copy.steps:
                 copy.steps, copy.moved = steps, now
@@ -542,12 +615,17 @@ class RenderJob:
             pool.replace(copy.worker)
             self.stalled_shards += 1
             shard, attempt = copy.shard, copy.attempt
+            self._incident("stall", shard, attempt, seconds=round(now - copy.moved, 1))
+            twin = any(c.shard.index == shard.index for c in inflight.values())
+            log.warning("shard %d: no decode step for %.0f s on its worker; abandoning this copy and replacing "
+                        "the worker%s", shard.index, now - copy.moved,
+                        "; its other copy runs on" if twin else f", running it again (attempt {attempt + 1})")
+            self.on_event("stall", {"shard": shard, "attempt": attempt + 1, "worker": copy.worker})
+            if twin:
+                continue
             if attempt >= spec.max_attempts:
                 raise RuntimeError(f"shard {shard.index} made no progress for {spec.stall_s:.0f} s on attempt "
                                    f"{attempt} of {spec.max_attempts}; giving up")
-            log.warning("shard %d: no decode step for %.0f s on its worker; abandoning it, replacing the worker "
-                        "and running the shard again (attempt %d)", shard.index, now - copy.moved, attempt + 1)
-            self.on_event("stall", {"shard": shard, "attempt": attempt + 1, "worker": copy.worker})
             todo.appendleft((shard, attempt + 1))
 
     def _report(self, plan, store, all_metas, stitch, job_id, t_job) -> JobResult:
@@ -557,7 +635,8 @@ class RenderJob:
         rows = manifest_rows(all_metas, segments_kept=spec.keep_segments)
         store.put_bytes(f"{prefix}/manifest.parquet", manifest_parquet(rows))
         store.put_bytes(f"{prefix}/timeline.json",
-                        chrome_trace(all_metas, t_job, stitch, self._clock.phases, render=job_id))
+                        chrome_trace(all_metas, t_job, stitch, self._clock.phases, render=job_id,
+                                     incidents=self._incidents))
         # The job's time ends here, with everything but its summary written: what follows
         # (the summary, publishing by renames, deleting segments) cannot be in the summary.
         wall = time.time() - t_job
@@ -572,6 +651,7 @@ class RenderJob:
                                    "context_compute_overhead": plan.compute_overhead,
                                    "decoder": spec.decoder.model_dump(),
                                    "format": spec.format, "stalled_shards": self.stalled_shards,
+                                   "backup_shards": self.backup_shards, "backup_wins": self.backup_wins,
                                    "decoded_latent_frames": sum(m.shard.decoded_latent_frames
                                                                 for m in all_metas if not m.reused)})
         local = store.local_path(stitch["key"]) is not None
@@ -589,6 +669,9 @@ class RenderJob:
                 store.delete(sidecar_key(m.key))
                 store.delete(m.key)
                 self.segments_committed -= 1
+            for key in store.list(self._segments_folder + "/"):
+                if key.endswith(CLAIM_SUFFIX):
+                    store.delete(key)
             store.discard_partial(self._segments_folder)
         sweep(store, keep={job_id})  # what workers or a stitcher killed during this run left
         log.info("job %s: wrote %s (%d frames, %.1f s of video) in %.1f s", job_id,

@@ -143,9 +143,11 @@ def summarize(records: list[SegmentRecord], *, frames: int, fps: int, wall_s: fl
 
 
 def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict | None = None,
-                 driver_phases: list[Phase] = (), render: str | None = None) -> bytes:
+                 driver_phases: list[Phase] = (), render: str | None = None, incidents: list[dict] = ()) -> bytes:
     """One track per worker device; its start-up phases (those inside the job) on thread 0,
-    shards on 1 and their phases on 2, as complete ('X') events."""
+    shards on 1 and their phases on 2, as complete ('X') events. The driver's track holds its
+    phases and, as instant ('i') events, its incidents: stalls and backup copies, each a dict
+    with "name", "at" (epoch seconds), "shard", "attempt" and any detail."""
     events = []
     tracks: dict[str, int] = {}
     for track, report in sorted(worker_startups(records).items(), key=lambda kv: kv[1].started or 0.0):
@@ -179,11 +181,14 @@ def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict 
         span("upload", m.pipeline_ended, m.ended, 2)
     meta_events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
                    for name, pid in tracks.items()]
-    if driver_phases:
+    if driver_phases or incidents:
         meta_events.append({"name": "process_name", "ph": "M", "pid": -1, "args": {"name": "driver"}})
-        events.extend({"name": p.name, "ph": "X", "pid": -1, "tid": 0, "ts": (p.start - job_started) * 1e6,
-                       "dur": p.seconds * 1e6, "args": {"detail": p.detail} if p.detail else {}}
-                      for p in driver_phases)
+    events.extend({"name": p.name, "ph": "X", "pid": -1, "tid": 0, "ts": (p.start - job_started) * 1e6,
+                   "dur": p.seconds * 1e6, "args": {"detail": p.detail} if p.detail else {}}
+                  for p in driver_phases)
+    events.extend({"name": f"{i['name']} shard {i['shard']}", "ph": "i", "s": "p", "pid": -1, "tid": 1,
+                   "ts": (i["at"] - job_started) * 1e6, "args": {k: v for k, v in i.items() if k not in ("name", "at")}}
+                  for i in incidents)
     if stitch is not None:
         meta_events.append({"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "stitcher"}})
         t = stitch["committed_at"]

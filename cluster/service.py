@@ -194,6 +194,13 @@ class ServicePool(WorkerPool):
             response.cancel()
         self.release(slot)
 
+    def withdraw(self, handle, slot, job_id: str, shard_index: int) -> None:
+        """A replica runs one call at a time and cannot be told to stop mid-shard: the copy
+        runs to its end there and commits nothing (another copy claimed the segment). The
+        call is left to finish, so that Serve counts the replica busy until it is; the slot
+        is the job's until then."""
+        handle.add_done_callback(lambda _: self.release(slot))
+
     def replace(self, slot) -> None:
         """A lost replica is Serve's to restart; the slot is free again for the retry."""
         self.release(slot)

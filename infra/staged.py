@@ -94,6 +94,14 @@ def write_file(path: str | os.PathLike[str], fill: Callable[[BinaryIO], object])
         return staged.commit()
 
 
+def move_into_place(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename a finished file (in the same folder) to its final path, replacing what was
+    there, and flush the folder so that the rename survives a crash."""
+    dst = os.fspath(dst)
+    os.replace(src, dst)
+    _fsync_path(os.path.dirname(os.path.abspath(dst)))
+
+
 def _fsync_path(path: str) -> int:
     """fsync a file or folder by name; returns a file's size (0 for a folder)."""
     fd = os.open(path, os.O_RDONLY)

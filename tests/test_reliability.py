@@ -244,11 +244,19 @@ def test_a_farm_shared_by_concurrent_jobs(tmp_path):
             assert _indices(str(tmp_path / f"job{i}"), "video.mp4") == list(range(pixel_frames(3 + i)))
         assert len(farm.pool.actors) + farm.pool.starting == 2
 
-        # One long job and one short, side by side; the long one is cancelled.
+        # One long job and one short, side by side; the long one is cancelled once both have
+        # a shard out (from its own dispatch, so that it cannot have finished first).
         long_running, short_dispatched = threading.Event(), threading.Event()
+        long_job = None
+
+        def cancel_once_both_run(kind, info):
+            if kind == "dispatch" and not long_running.is_set():
+                long_running.set()
+                assert short_dispatched.wait(timeout=300)
+                long_job.job.cancel()
+
         long_job = submit(pattern_latents(2000, 96, 128), str(tmp_path / "long"), farm=farm, format="ffv1",
-                          shard_latents=2000, decoder={"name": "test-pattern"},
-                          on_event=lambda kind, info: long_running.set() if kind == "dispatch" else None)
+                          shard_latents=2000, decoder={"name": "test-pattern"}, on_event=cancel_once_both_run)
         assert long_running.wait(timeout=300)
         short_events = []
 

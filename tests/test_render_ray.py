@@ -128,7 +128,9 @@ def test_node_removed_mid_job_gives_the_identical_video(ray_cluster, tmp_path):
                         decoder={"name": "test-pattern"}).wait(timeout=300)
     assert removed
     np.testing.assert_array_equal(_video(out, "ffv1"), reference)
-    assert result.summary["retried_shards"] >= 1
+    # Retried once Ray declares the node's actor dead, or overtaken before that by a backup
+    # copy on a worker that fell idle.
+    assert result.summary["retried_shards"] + result.summary["backup_wins"] >= 1
     assert victim.node_id not in {r["node_id"] for r in result.manifest if r["attempts"] > 1}
 
 
