@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -135,15 +136,14 @@ class ShardWorker:
         # `clock` holds the phases before this one (a Ray wrapper's process and imports);
         # `node_id` and `gpu_ids` say where a cluster placed this worker, for its records.
         self._clock = clock or StartupClock()
-        # The compiler's modules load on a thread of their own, over CUDA's start and the
-        # weights, where the device's decoders compile (CUDA); elsewhere only if a spec asks.
+        # The compiler's modules (about 7 s on an H200 host) load on a thread of their own once
+        # a compiling decoder's weights are in, over its first, eager step: not earlier, since
+        # an import holds the GIL and slowed the weights' load 3-4x (docs/benchmarks.md).
         # FRAMEFARM_COMPILER_IMPORT=inline imports them only when first needed (to measure).
         self._compiler = BackgroundImport(COMPILER_MODULES, self._clock)
         self._compiler_early = os.environ.get(COMPILER_IMPORT_ENV, "background") != "inline"
         with self._clock.phase("device"):
             self.device = resolve_device(device)
-            if self._compiler_early and wan.DecoderOptions.for_device(self.device).compile:
-                self._compiler.start()
             if self.device.type == "cuda":
                 # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
                 torch.backends.cudnn.benchmark = True
@@ -206,10 +206,10 @@ class ShardWorker:
 
     def decoder(self, spec: DecoderSpec) -> Decoder:
         if spec not in self._decoders:
-            if self._compiler_early and spec.name != "test-pattern" and decoder_options(spec, self.device).compile:
-                self._compiler.start()  # over the weights' load
             with self._clock.phase("weights", spec.name):
                 self._decoders[spec] = build_decoder(spec, self.device)
+            if self._compiler_early and compiles(self._decoders[spec]):
+                self._compiler.start()  # over what comes before the first compiled step
         return self._decoders[spec]
 
     def prepare(self, spec: DecoderSpec, latent_height: int, latent_width: int,
@@ -224,10 +224,17 @@ class ShardWorker:
         decoder = self.decoder(spec)
         report = StartupReport()
         cache = None
-        if compiles(decoder):
+
+        def load_compiled() -> None:
+            """The compiler and its cached code: needed from the first compiled step, so they are
+            waited for after the stream's first, eager step, which the wait then overlaps."""
+            nonlocal cache
+            if not compiles(decoder):
+                return
             with self._clock.phase("compiler-import-wait"):
                 self._compiler.wait()
-        if compiles(decoder) and compile_cache:
+            if not compile_cache:
+                return
             key = compile_cache_key(cache_facts(runtime_facts(self.device), decoder_facts(decoder),
                                                 latent_height, latent_width, spec.dtype))
             # One inductor folder per worker process, set before anything here compiles.
@@ -239,10 +246,11 @@ class ShardWorker:
                     cache.load()
             except Exception as exc:  # noqa: BLE001 - an unreadable cache costs a compile, not the job
                 log.warning("compile cache %s unusable (%s: %s); compiling", cache.uri, type(exc).__name__, exc)
+
         if self.device.type == "cuda" or compiles(decoder):
             misses, hits = inductor_counts()
             try:
-                self._warm_up(decoder, latent_height, latent_width)
+                self._warm_up(decoder, latent_height, latent_width, after_first_step=load_compiled)
             except Exception as exc:  # noqa: BLE001 - any compile failure; eager shows a real fault again
                 if not compiles(decoder):
                     raise
@@ -266,8 +274,10 @@ class ShardWorker:
         self._compile = report
         self._prepared.add((spec, latent_height, latent_width))
 
-    def _warm_up(self, decoder: Decoder, latent_height: int, latent_width: int) -> None:
-        """Decode zeros at this frame size until the decoder runs as it will in every shard."""
+    def _warm_up(self, decoder: Decoder, latent_height: int, latent_width: int,
+                 after_first_step: Callable[[], None] | None = None) -> None:
+        """Decode zeros at this frame size until the decoder runs as it will in every shard;
+        `after_first_step` runs between the stream's first (eager) step and the rest."""
         steps = warm_up_steps(decoder)
         warm = torch.zeros(decoder.z_dim, steps, latent_height, latent_width, device=self.device)
         chunks = decoder.stream(warm)
@@ -289,6 +299,8 @@ class ShardWorker:
             with self._clock.phase(name, f"step {i + 1} of {steps}, {size}"):
                 next(chunks)
                 self._sync()
+            if i == 0 and after_first_step is not None:
+                after_first_step()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
