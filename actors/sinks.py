@@ -109,10 +109,11 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
     """A sink for one segment of `fmt` at `path`.
 
     mp4 with libx264, given the segment's frame count (`frames`) and frames of 640x360 or
-    more (or `parts`): the encoder runs on a thread of its own, frames waiting for it in memory (see
-    `_PartedMp4Sink`), so that its uneven pace never holds the frame pipeline's buffers;
-    `parts` > 1 encodes the segment as that many consecutive parts side by side; `parts=1`
-    is one encoder called from the writer's thread.
+    more (or `parts`): consecutive parts encoded side by side on threads of their own
+    (`plan_parts`; a segment too short to split has one), frames waiting for them in memory
+    (see `_PartedMp4Sink`), so that libx264's uneven pace never holds the frame pipeline's
+    buffers; `parts` overrides the count; `parts=1` is one encoder called from the writer's
+    thread.
     """
     fmt = check_format(fmt)
     if width <= 0 or height <= 0:
@@ -162,19 +163,19 @@ def plan_parts(frames: int, width: int, height: int, cores: int, parts: int | No
     """Consecutive part sizes for a segment of `frames` frames, and libx264 threads for each
     (0: libx264 chooses by core count).
 
-    None (the default): one part, one encoder with libx264's own frame threads. On 8 cores of
-    an H200 host it keeps up with the fast decoder at 720p with about half of them busy, and
-    its flush after the last frame (about 0.19 s) is shorter than any split's (0.33 s:
-    docs/benchmarks.md), since libx264 holds back its lookahead, about 10 frames, until it is
-    flushed, and a split's last part is all lookahead.
-    `parts` > 1 (a host too slow for one encoder): parts encoded side by side and appended to
-    the segment as each finishes; they double in size from the end, the last MIN_PART_FRAMES
-    long, so that few parts mean few extra IDR frames and little left after the last frame;
-    each has a thread per core, shared where parts overlap.
+    Parts are encoded side by side and appended to the segment as each finishes. Frames reach
+    the sink in order, as fast as the decoder makes them, so what is left after the last frame
+    is the last part's encoding (libx264 holds back its lookahead, about 10 frames, until it is
+    flushed). The parts therefore double in size from the end, the last MIN_PART_FRAMES long,
+    so that few parts mean few extra IDR frames and little left after the last frame; each has
+    a thread per core, shared where parts overlap. On 8 cores of an H200 host at 720p this
+    left 0.33-0.36 s after the last frame in three runs out of three, where one encoder on a
+    thread of its own left 0.34 and 0.67 s (docs/benchmarks.md), at the same bytes.
+    `parts` overrides the count (1: one encoder); one core gets one encoder.
     """
-    if parts is None or cores < 2:
-        return [frames], [0]
-    limit = max(1, min(parts, frames // MIN_PART_FRAMES))
+    if cores < 2:
+        parts = 1
+    limit = max(1, frames // MIN_PART_FRAMES if parts is None else min(parts, frames // MIN_PART_FRAMES))
     tail: list[int] = []  # from the end
     left, size = frames, MIN_PART_FRAMES
     while len(tail) + 1 < limit and left - size >= size:

@@ -252,10 +252,9 @@ def test_encoder_probe_answers_yes_and_no_with_real_encoders():
 def test_parts_double_from_the_end_cover_the_segment_and_follow_the_cores():
     from actors.sinks import MIN_PART_FRAMES, plan_parts
 
-    # The default: one encoder, libx264 choosing its frame threads.
-    assert plan_parts(161, 1280, 720, cores=8) == ([161], [0])
+    assert plan_parts(161, 1280, 720, cores=8) == plan_parts(161, 1280, 720, cores=8, parts=20)
     for frames in (24, 40, 161, 321, 2001):
-        sizes, threads = plan_parts(frames, 1280, 720, cores=8, parts=20)
+        sizes, threads = plan_parts(frames, 1280, 720, cores=8)
         assert sum(sizes) == frames and min(sizes) >= MIN_PART_FRAMES
         # The last part is the shortest; each before it is twice the next, except the first,
         # which takes what is left. Every part has a thread per core.
@@ -264,13 +263,13 @@ def test_parts_double_from_the_end_cover_the_segment_and_follow_the_cores():
     assert plan_parts(161, 1280, 720, cores=8, parts=4) == ([77, 48, 24, 12], [8, 8, 8, 8])
     assert plan_parts(161, 1280, 720, cores=2, parts=4)[1] == [2, 2, 2, 2]
     # One encoder: a single core, too few frames, or asked.
-    for args, kwargs in [((161, 1280, 720, 1), {"parts": 4}), ((20, 1280, 720, 8), {"parts": 4}),
+    for args, kwargs in [((161, 1280, 720, 1), {}), ((20, 1280, 720, 8), {}),
                          ((161, 1280, 720, 8), {"parts": 1})]:
         assert plan_parts(*args, **kwargs) == ([args[0]], [0])
     assert plan_parts(161, W, H, 2, parts=3) == ([125, 24, 12], [2, 2, 2])
 
 
-def test_one_queued_encoder_by_default_above_640x360_and_in_the_callers_thread_below(tmp_path):
+def test_a_short_segment_has_one_queued_encoder_above_640x360_and_one_in_the_callers_thread_below(tmp_path):
     big = open_sink("mp4", str(tmp_path / "big.mp4"), 640, 360, 16, encoder="libx264", frames=13)
     assert big.sizes == [13]  # one part, on a thread of its own
     frames = np.full((13, 360 * 3 // 2, 640), 128, np.uint8)  # neutral chroma
