@@ -282,10 +282,14 @@ class RenderJob:
                     if not ok and self._segments_folder:
                         _discard_partial(self.spec.output, self._segments_folder)
                         # What a rerun will find: workers may have committed segments whose
-                        # results this driver never received.
-                        self.segments_committed = sum(
-                            1 for key in open_store(self.spec.output).list(self._segments_folder + "/")
-                            if key.endswith(".json"))
+                        # results this driver never received. A store that failed the job may
+                        # fail this look too: the job's own error is the one to report.
+                        try:
+                            self.segments_committed = sum(
+                                1 for key in open_store(self.spec.output).list(self._segments_folder + "/")
+                                if key.endswith(".json"))
+                        except Exception as exc:  # noqa: BLE001 - the count stays this driver's own
+                            log.debug("could not count committed segments after a failure: %s", exc)
         finally:
             self.release()
 
