@@ -21,6 +21,7 @@ import time
 _IMPORTS_STARTED = time.time()
 
 import math  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import ray  # noqa: E402
@@ -34,6 +35,7 @@ from actors.ray_actors import ray_shard_worker  # noqa: E402
 _IMPORTS_ENDED = time.time()
 
 APP = "framefarm"
+BEAT_S = 1.0  # how often a replica running a shard tells the ledger its decode-step count
 WORKER = "FarmWorker"
 LEDGER = "FarmLedger"
 
@@ -80,13 +82,35 @@ class FarmWorker:
     def describe(self) -> WorkerInfo:
         return self.worker.info
 
+    def _beat(self, job: str, call: str, done: threading.Event) -> None:
+        me = ray.get_runtime_context().current_actor  # so that the driver can end a stuck replica
+        ledger = serve.get_deployment_handle(LEDGER, app_name=APP)
+        while True:
+            try:
+                ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me).result(timeout_s=30)
+            except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
+                pass
+            if done.wait(BEAT_S):
+                return
+
     def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
                     compile_cache: str | None = None) -> dict:
         return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
 
-    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
+    def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor,
+                     call: tuple[str, str] | None = None) -> SegmentRecord:
+        """`call`: (the job's key in the ledger, the driver's name for this call); while it
+        runs, the worker's decode-step count goes to the ledger under it every BEAT_S (a
+        replica answers no other call mid-shard): the driver's stall watch reads it there."""
         t = time.perf_counter()
-        record = self.worker.render_shard(task, latents)
+        done = threading.Event()
+        if call is not None:
+            threading.Thread(target=self._beat, args=(*call, done), daemon=True,
+                             name="framefarm-beat").start()
+        try:
+            record = self.worker.render_shard(task, latents)
+        finally:
+            done.set()
         tags = {"job": task.job_id, "replica": self.replica}
         self.frames.inc(record.frames, tags=tags)
         self.shard_seconds.observe(time.perf_counter() - t, tags=tags)
@@ -107,6 +131,7 @@ class FarmLedger:
         self.workers = workers  # the FarmWorker deployment's handle: keeps it in this application
         self.lease_s = lease_s
         self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
+        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor)}
         self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
 
     def share(self, job: str) -> dict:
@@ -115,11 +140,22 @@ class FarmLedger:
         for key, seen in list(self.jobs.items()):
             if now - seen > self.lease_s:
                 del self.jobs[key]
+                self.calls.pop(key, None)
         self.running.set(len(self.jobs))
         return {"share": fair_share(self.capacity, len(self.jobs)), "jobs": len(self.jobs),
                 "capacity": self.capacity, "use_gpu": self.use_gpu}
 
+    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
+        """A replica's decode-step count for one running call of `job`."""
+        if job in self.jobs:
+            self.calls.setdefault(job, {})[call] = (steps, info, replica)
+
+    def progress(self, job: str) -> dict:
+        """{call: (steps, WorkerInfo, replica actor)} of the job's calls heard from."""
+        return dict(self.calls.get(job, {}))
+
     def leave(self, job: str) -> None:
+        self.calls.pop(job, None)
         self.jobs.pop(job, None)
         self.running.set(len(self.jobs))
 

@@ -95,11 +95,16 @@ class ServicePool(WorkerPool):
 
     Calls are Serve responses awaited by courier threads, so that the driver waits on
     ordinary futures as it waits on object refs with actors.
+
+    The stall watch: a replica takes one call at a time, so none answers a progress call
+    mid-shard; instead a replica running a shard sends its decode-step count to the ledger
+    under the call's name every second, and `steps` reads the ledger's answers (asked at most
+    once a second for all the job's calls). A stalled call's replica is killed by `replace`;
+    Serve starts another.
     """
 
     farm = True
     shared = True
-    watches_progress = False  # a replica takes one call at a time: no progress call answers mid-shard
 
     def __init__(self, job: str | None = None):
         self.job = job or uuid.uuid4().hex
@@ -114,6 +119,12 @@ class ServicePool(WorkerPool):
         self._calls: dict = {}  # future -> Serve response, for cancel
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
+        self._running: dict = {}  # slot -> name of the call it runs now
+        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the ledger's last answer
+        self._asking: concurrent.futures.Future | None = None  # a progress question in flight
+        self._asked_progress = 0.0
+        # Its own thread: couriers may all be waiting on shards (withdrawn copies included).
+        self._asker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="framefarm-farm-progress")
 
     @property
     def share_of_farm(self) -> int:
@@ -146,7 +157,9 @@ class ServicePool(WorkerPool):
         """Nothing to wait for: Serve holds a call until a replica can take it."""
 
     def describe(self, slot) -> WorkerInfo | None:
-        return None  # which replica runs a call is Serve's choice, known from its record
+        """The replica running the slot's call, once it has reported (Serve chose it)."""
+        heard = self._heard.get(self._running.get(slot))
+        return heard[1] if heard else None
 
     def _call(self, method: str, *args) -> concurrent.futures.Future:
         response = getattr(self._workers, method).remote(*args)
@@ -168,7 +181,8 @@ class ServicePool(WorkerPool):
         return ray.put(latents)
 
     def submit(self, slot, task: ShardTask, latents) -> concurrent.futures.Future:
-        return self._call("render_shard", task, latents)
+        self._running[slot] = call = uuid.uuid4().hex
+        return self._call("render_shard", task, latents, (self.job, call))
 
     def wait_any(self, handles, timeout_s: float) -> list:
         done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
@@ -184,7 +198,23 @@ class ServicePool(WorkerPool):
             raise WorkerLost(type(exc).__name__) from exc
 
     def steps(self, slot) -> int | None:
-        return None
+        if self._asking is not None and self._asking.done():
+            try:
+                self._heard = self._asking.result()
+            except Exception as exc:  # noqa: BLE001 - asked again in a second; no news reads as no progress
+                log.warning("farm: could not read shard progress from the ledger (%s)", exc)
+            self._asking = None
+        if self._asking is None and time.monotonic() - self._asked_progress >= _SHARE_REFRESH_S:
+            self._asked_progress = time.monotonic()
+            self._asking = self._asker.submit(
+                lambda: self._ledger.progress.remote(self.job).result(timeout_s=30))
+        call = self._running.get(slot)
+        if call not in self._heard:
+            # Not started on a replica yet: Serve queues it until one is free (one may be
+            # starting, on a node an autoscaler is adding). A queue is Serve's to drain, not
+            # a stall: a count that moves every second.
+            return -int(time.monotonic())
+        return self._heard[call][0]
 
     def abandon(self, handle, slot) -> None:
         """Abandon a call. A shard already running on a replica runs to its end there (its
@@ -202,7 +232,14 @@ class ServicePool(WorkerPool):
         handle.add_done_callback(lambda _: self.release(slot))
 
     def replace(self, slot) -> None:
-        """A lost replica is Serve's to restart; the slot is free again for the retry."""
+        """A lost replica is Serve's to restart, and a stuck one (its call stalled) is ended
+        here so that Serve restarts it too; the slot is free again for the retry."""
+        heard = self._heard.get(self._running.pop(slot, None))
+        if heard is not None:
+            try:
+                ray.kill(heard[2], no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - gone already
+                log.debug("farm: the stalled replica is gone already (%s)", exc)
         self.release(slot)
 
     def start_stitcher(self, output_uri: str, fmt: str, fps: int, shard_count: int,
@@ -218,6 +255,7 @@ class ServicePool(WorkerPool):
         for response in list(self._calls.values()):
             response.cancel()
         self._couriers.shutdown(wait=False, cancel_futures=True)
+        self._asker.shutdown(wait=False, cancel_futures=True)
         try:
             self._ledger.leave.remote(self.job).result(timeout_s=30)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
