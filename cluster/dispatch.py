@@ -608,6 +608,7 @@ class InProcessPool(WorkerPool):
         # call does), while its thread may still be inside the call.
         handle = Future()
         handle.set_running_or_notify_cancel()
+        handle.task = task
         with self._lock:
             self._calls[handle] = worker
         try:
@@ -647,6 +648,9 @@ class InProcessPool(WorkerPool):
             calls = [c for c, w in self._calls.items() if w is worker]
         worker.thread.shutdown(wait=False, cancel_futures=True)
         for call in calls:
+            # A crashed process writes nothing more: its thread, still inside the call, stops
+            # at its next decode step or before committing.
+            worker.worker.withdraw(call.task.job_id, call.task.shard.index)
             _settle(call, exc=WorkerLost(f"{worker!r} was lost with its shard in flight"))
 
     def replace(self, worker: _ThreadWorker) -> None:
