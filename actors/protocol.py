@@ -284,18 +284,30 @@ class ShardTask:
     decode: DecodeSpec
     encode: EncodeSpec
     attempt: int = 1
+    run_id: str = ""  # one run of the job (a driver's): withdrawals name it, not the job
 
     @property
     def decoder(self) -> DecoderSpec:
         return self.decode.decoder
 
+    @property
+    def run_key(self) -> str:
+        """What a withdrawal of this copy names: a rerun of the same job (same fingerprint, on
+        the same warm workers) must not meet the marks of an earlier run's losing copies."""
+        return run_key(self.job_id, self.run_id)
+
+
+def run_key(job_id: str, run_id: str) -> str:
+    return f"{job_id}/{run_id}"
+
 
 def shard_task(spec: RenderSpec, job_id: str, shard: Shard, *, encoder: str | None = None,
-               compile_cache: str | None = None, attempt: int = 1) -> ShardTask:
+               compile_cache: str | None = None, attempt: int = 1, run_id: str = "") -> ShardTask:
     """The one place a job's spec becomes a worker's task. `encoder`: what "auto" resolved to."""
     decode = DecodeSpec(spec.decoder, spec.context_mode, spec.ring_depth, compile_cache)
     encode = EncodeSpec(spec.format, spec.fps, encoder or spec.encoder, spec.crf, spec.preset, spec.encoder_threads)
-    return ShardTask(job_id, shard, spec.output, segment_key(job_id, shard, spec.format), decode, encode, attempt)
+    return ShardTask(job_id, shard, spec.output, segment_key(job_id, shard, spec.format), decode, encode, attempt,
+                     run_id)
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ class _DecodeWorker:
         return self.worker.progress()
 
     @ray.method(concurrency_group="watch")
-    def withdraw(self, job_id: str, shard_index: int) -> None:
+    def withdraw(self, run_key: str, shard_index: int) -> None:
         """Another copy of the shard committed: this one stops (answered mid-shard)."""
-        self.worker.withdraw(job_id, shard_index)
+        self.worker.withdraw(run_key, shard_index)
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor) -> SegmentRecord:
         t = time.perf_counter()

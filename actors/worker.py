@@ -165,7 +165,7 @@ class ShardWorker:
         self._prepared: set[tuple[DecoderSpec, int, int]] = set()
         self._compile = StartupReport()  # what the last prepared decoder did about compiled code
         self._ring: list = []  # the pipeline's pinned host buffers, kept across shards
-        self._withdrawn: set[tuple[str, int]] = set()  # (job, shard) copies the driver no longer wants
+        self._withdrawn: set[tuple[str, int]] = set()  # (run key, shard) copies the driver no longer wants
 
     def _counted(self, chunks, task: ShardTask):
         """The decoder's chunks, counted as they come (the progress a watcher reads); stopped
@@ -175,14 +175,14 @@ class ShardWorker:
             self.steps += 1
             yield chunk
 
-    def withdraw(self, job_id: str, shard_index: int) -> None:
+    def withdraw(self, run_key: str, shard_index: int) -> None:
         """The driver no longer wants this worker's copy of the shard (another copy committed
         it): called from another thread, it stops the copy at its next decode step, or before
-        it commits; a copy not yet started stops at once."""
-        self._withdrawn.add((job_id, shard_index))
+        it commits; a copy not yet started stops at once. `run_key`: the task's."""
+        self._withdrawn.add((run_key, shard_index))
 
     def _check_wanted(self, task: ShardTask) -> None:
-        if (task.job_id, task.shard.index) in self._withdrawn:
+        if (task.run_key, task.shard.index) in self._withdrawn:
             raise ShardWithdrawn(f"shard {task.shard.index}: another copy committed it; this copy stopped")
 
     def _claim(self, store, task: ShardTask) -> None:
@@ -346,7 +346,7 @@ class ShardWorker:
         Returns the segment's record (also written as its sidecar); the frames go to storage.
         """
         shard = task.shard
-        self._withdrawn = {w for w in self._withdrawn if w[0] == task.job_id}  # older jobs' are done
+        self._withdrawn = {w for w in self._withdrawn if w[0] == task.run_key}  # older runs' are done
         self._check_wanted(task)
         shared = isinstance(latents, LatentSlice)
         if shared:

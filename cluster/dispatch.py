@@ -181,7 +181,7 @@ class WorkerPool(ABC):
         """The job no longer wants this work (it is ending): stop it as far as the pool can."""
 
     @abstractmethod
-    def withdraw(self, handle: Handle, worker: Worker, job_id: str, shard_index: int) -> None:
+    def withdraw(self, handle: Handle, worker: Worker, run_key: str, shard_index: int) -> None:
         """The job no longer wants this copy of a shard (another copy committed it), but the
         worker is sound: ask it to stop the copy (it commits nothing), and take the worker
         back once the call returns. The caller does not wait on `handle` again."""
@@ -398,8 +398,8 @@ class RayPool(WorkerPool):
         else:
             ray.cancel(handle, force=False)  # a job's own pool is shut down anyway
 
-    def withdraw(self, handle, actor, job_id: str, shard_index: int) -> None:
-        actor.withdraw.remote(job_id, shard_index)  # answered by its watch thread mid-shard
+    def withdraw(self, handle, actor, run_key: str, shard_index: int) -> None:
+        actor.withdraw.remote(run_key, shard_index)  # answered by its watch thread mid-shard
         with self._lock:
             self._returning[handle] = (actor, time.monotonic())
 
@@ -650,7 +650,7 @@ class InProcessPool(WorkerPool):
         for call in calls:
             # A crashed process writes nothing more: its thread, still inside the call, stops
             # at its next decode step or before committing.
-            worker.worker.withdraw(call.task.job_id, call.task.shard.index)
+            worker.worker.withdraw(call.task.run_key, call.task.shard.index)
             _settle(call, exc=WorkerLost(f"{worker!r} was lost with its shard in flight"))
 
     def replace(self, worker: _ThreadWorker) -> None:
@@ -669,8 +669,8 @@ class InProcessPool(WorkerPool):
         else:
             self.replace(worker)
 
-    def withdraw(self, handle: Future, worker: _ThreadWorker, job_id: str, shard_index: int) -> None:
-        worker.worker.withdraw(job_id, shard_index)
+    def withdraw(self, handle: Future, worker: _ThreadWorker, run_key: str, shard_index: int) -> None:
+        worker.worker.withdraw(run_key, shard_index)
         with self._lock:
             self._calls.pop(handle, None)
         inner = getattr(handle, "inner", None)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import statistics
 import sys
 import threading
@@ -37,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from actors.stitcher import SegmentError
 from actors.compile_cache import resolve_cache_uri, user_cache_dir
 from actors.protocol import (InputError, LatentSlice, RenderSpec, SegmentRecord, SegmentTaken, Shard,
-                             ShardWithdrawn, CLAIM_SUFFIX, segment_key, shard_task, sidecar_key)
+                             ShardWithdrawn, CLAIM_SUFFIX, run_key, segment_key, shard_task, sidecar_key)
 from actors.startup import StartupClock
 from cluster.dispatch import (Handle, JobCancelled, JobStitcher, RayPool, ShardFailed, StitcherLost, Worker,
                               WorkerLost, WorkerPool, resolve_workers)
@@ -184,6 +185,7 @@ class RenderJob:
         self.compile_cache = resolve_cache_uri(spec.compile_cache, spec.output, user_cache_dir(dict(os.environ)))
         self._segments_folder: str | None = None
         self.job_id: str | None = None  # the fingerprint, once prepared
+        self.run_id = secrets.token_hex(6)  # this run of it: its withdrawn copies, not a rerun's
         self.segments_committed = 0  # this job's segments in the output, reused ones included
         self.segments_total = 0
 
@@ -472,7 +474,8 @@ class RenderJob:
         def dispatch(worker, shard: Shard, attempt: int, backup: bool = False) -> None:
             if shard.index not in shared:
                 shared[shard.index] = pool.share(LatentSlice.of(latents[:, shard.context_start:shard.stop]))
-            task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache, attempt=attempt)
+            task = shard_task(spec, job_id, shard, encoder=encoder, compile_cache=self.compile_cache, attempt=attempt,
+                              run_id=self.run_id)
             now = time.monotonic()
             inflight[pool.submit(worker, task, shared[shard.index])] = _Copy(shard, attempt, worker, now, backup,
                                                                               moved=now)
@@ -583,7 +586,7 @@ class RenderJob:
             return  # cannot happen (one copy claims the segment); never hand the stitcher a shard twice
         for other, c in [(h, c) for h, c in inflight.items() if c.shard.index == shard.index]:
             del inflight[other]  # the losing copy: stopped, its worker back to the pool when it returns
-            pool.withdraw(other, c.worker, self.job_id, shard.index)
+            pool.withdraw(other, c.worker, run_key(self.job_id, self.run_id), shard.index)
         if copy.backup:
             self.backup_wins += 1
             log.info("shard %d: the backup copy committed first; the other copy was withdrawn", shard.index)

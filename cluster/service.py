@@ -224,7 +224,7 @@ class ServicePool(WorkerPool):
             response.cancel()
         self.release(slot)
 
-    def withdraw(self, handle, slot, job_id: str, shard_index: int) -> None:
+    def withdraw(self, handle, slot, run_key: str, shard_index: int) -> None:
         """A replica runs one call at a time and cannot be told to stop mid-shard: the copy
         runs to its end there and commits nothing (another copy claimed the segment). The
         call is left to finish, so that Serve counts the replica busy until it is; the slot

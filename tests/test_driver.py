@@ -10,6 +10,7 @@ in-process worker at a gate before the first decode step of the shard it was tol
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -310,11 +311,15 @@ def test_a_second_copy_of_a_shard_commits_nothing_and_its_worker_goes_on(tmp_pat
         with pytest.raises(SegmentTaken):
             second.render_shard(tasks[0], slices[0])
         assert segment.read_bytes() == committed and (tmp_path / sidecar_key(record.key)).read_bytes() == sidecar
-        second.withdraw("job1", 1)
+        second.withdraw(tasks[1].run_key, 1)
         with pytest.raises(ShardWithdrawn):
             second.render_shard(tasks[1], slices[1])
         assert not (tmp_path / tasks[1].segment_key).exists()
         assert not [n for _, _, files in os.walk(tmp_path) for n in files if n.endswith(TMP_SUFFIX)]
+        # A rerun of the same job (same fingerprint, another run) on the same worker is not
+        # the copy that was withdrawn: it decodes and commits.
+        rerun = dataclasses.replace(tasks[1], run_id="rerun")
+        assert second.render_shard(rerun, slices[1]).frames == shards[1].frame_count
         # The same worker, another job: it decodes as before.
         other = shard_task(_spec(tmp_path / "other"), "job2", shards[1])
         assert second.render_shard(other, slices[1]).frames == shards[1].frame_count
