@@ -10,6 +10,24 @@ import pytest
 import torch
 
 
+def block_segments(out) -> None:
+    """A file where the job's segments folder must go under `out` (a Path): every segment
+    write fails with an OSError, as a full or vanished disk would."""
+    out.mkdir()
+    (out / "segments").write_bytes(b"in the way")
+
+
+def clear_segments_on_retry(out, retries: list):
+    """A job's on_event that removes `block_segments`' obstacle at the first retry, noting in
+    `retries` the index of every shard retried."""
+    def on_event(kind, info):
+        if kind == "retry":
+            retries.append(info["shard"].index)
+            if (out / "segments").is_file():
+                (out / "segments").unlink()
+    return on_event
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,6 +28,7 @@ from actors.worker import ShardWorker
 from cluster.dispatch import InProcessPool, JobCancelled, RayPool
 from cluster.driver import RenderJob
 from infra.staged import TMP_SUFFIX
+from tests.conftest import block_segments, clear_segments_on_retry
 
 
 class _GatedDecoder:
@@ -169,28 +170,17 @@ def test_a_lost_worker_s_shard_is_retried_elsewhere(pool, tmp_path):
 
 
 def test_a_transient_failure_is_retried_and_a_lasting_one_fails_the_job(pool, tmp_path):
-    # A file where the segments folder must go: each segment write fails with an OSError, as
-    # a full or vanished disk would. Cleared at the first retry, the job completes.
-    out = tmp_path / "io"
-    out.mkdir()
-    (out / "segments").write_bytes(b"in the way")
-    retries = []
-
-    def clear_on_retry(kind, info):
-        if kind == "retry":
-            retries.append(info["shard"].index)
-            if (out / "segments").is_file():
-                (out / "segments").unlink()
-
+    # Segment writes fail until the first retry clears the way; then the job completes.
+    out, retries = tmp_path / "io", []
+    block_segments(out)
     result = RenderJob(_spec(out, shard_latents=3), pattern_latents(9, 96, 128), pool=pool, progress=False,
-                       on_event=clear_on_retry).run()
+                       on_event=clear_segments_on_retry(out, retries)).run()
     assert retries and result.summary["retried_shards"] >= 1
     assert _indices(out) == list(range(pixel_frames(9)))
 
     # The same obstacle at every attempt: the job ends after max_attempts with the worker's error.
     out2 = tmp_path / "io2"
-    out2.mkdir()
-    (out2 / "segments").write_bytes(b"in the way")
+    block_segments(out2)
     retried = []
     with pytest.raises(OSError):
         RenderJob(_spec(out2, max_attempts=2), pattern_latents(3, 96, 128), pool=pool, progress=False,

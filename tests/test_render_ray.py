@@ -21,7 +21,7 @@ from actors.sinks import read_frames
 from actors.wan import load_wan_decoder
 from cluster.api import render, submit
 from actors.protocol import pixel_frames
-from tests.conftest import tiny_latents
+from tests.conftest import block_segments, clear_segments_on_retry, tiny_latents
 
 PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
 
@@ -252,21 +252,11 @@ def test_resume_redoes_segments_made_with_another_encoder(ray_cluster, tmp_path)
 
 
 def test_a_shard_failing_on_io_is_retried_and_bad_input_is_not(ray_cluster, tmp_path):
-    # A file where the segments folder must go: every worker's segment write fails with an
-    # OSError, as a full or vanished disk would. The first retry clears it; the job completes.
-    out = tmp_path / "io"
-    out.mkdir()
-    (out / "segments").write_bytes(b"in the way")
-    retries = []
-
-    def clear_on_retry(kind, info):
-        if kind == "retry":
-            retries.append(info["shard"].index)
-            if (out / "segments").is_file():
-                (out / "segments").unlink()
-
+    # Every worker's segment write fails until the first retry clears the way; then the job completes.
+    out, retries = tmp_path / "io", []
+    block_segments(out)
     handle = submit(pattern_latents(9, 96, 128), str(out), format="ffv1", shard_latents=3,
-                    on_event=clear_on_retry, decoder={"name": "test-pattern"})
+                    on_event=clear_segments_on_retry(out, retries), decoder={"name": "test-pattern"})
     result = handle.wait(timeout=300)
     assert retries and result.summary["retried_shards"] >= 1
     assert handle.progress() == (pixel_frames(9), pixel_frames(9))  # a handle's job has no bar
@@ -275,8 +265,7 @@ def test_a_shard_failing_on_io_is_retried_and_bad_input_is_not(ray_cluster, tmp_
     # Not transient: the same obstacle for every attempt ends the job after max_attempts,
     # with the worker's own error.
     out2 = tmp_path / "io2"
-    out2.mkdir()
-    (out2 / "segments").write_bytes(b"in the way")
+    block_segments(out2)
     retried = []
     with pytest.raises(OSError):
         submit(pattern_latents(3, 96, 128), str(out2), format="ffv1", max_attempts=2, workers=1,
