@@ -43,7 +43,7 @@ import torch
 
 from actors.colour import frame_converter
 from actors.protocol import PipelineReport
-from actors.sinks import Sink, SinkResult
+from actors.sinks import Sink, SinkResult, available_cores
 
 _POLL_S = 0.1
 _JOIN_TIMEOUT_S = 60.0
@@ -76,7 +76,8 @@ def run_pipeline(chunks: Iterator[torch.Tensor], sink: Sink, *, drop: int = 0, d
     write. `on_backpressure`: called from the decode loop each time it finds every host buffer
     taken and starts to wait for one (the host is behind); it must not block.
     """
-    report = PipelineReport(mode="async" if depth else "sync")
+    report = PipelineReport(mode="async" if depth else "sync", cores=available_cores(),
+                            torch_threads=torch.get_num_threads())
     start = time.perf_counter()
     cuda = False
     try:
@@ -151,6 +152,7 @@ class _CpuDevice:
     def __init__(self, report: PipelineReport):
         self.report = report
         self._first: float | None = None
+        self.steps: list[float] = []  # ms
 
     def step(self, it: Iterator[torch.Tensor], convert) -> torch.Tensor | None:
         t0 = time.perf_counter()
@@ -162,13 +164,23 @@ class _CpuDevice:
         self._first = t0 if self._first is None else self._first
         self.report.gpu_busy_s += t1 - t0
         self.report.gpu_span_s = t1 - self._first
+        self.steps.append((t1 - t0) * 1e3)
         return frames
 
     def to_host(self, frames: torch.Tensor, slot: int) -> tuple[np.ndarray, None]:
         return frames.numpy(), None
 
     def settle(self, ok: bool) -> None:
-        pass
+        self.report.step_ms = step_quantiles(self.steps)
+
+
+def step_quantiles(steps_ms: list[float]) -> dict:
+    """p50, p90 and max of the decode steps' times (ms), rounded to 0.01 ms; {} for none."""
+    if not steps_ms:
+        return {}
+    s = sorted(steps_ms)
+    return {name: round(s[min(len(s) - 1, int(q * len(s)))], 2)  # nearest rank
+            for name, q in (("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
 
 
 class _CudaDevice:
@@ -223,7 +235,9 @@ class _CudaDevice:
             return
         torch.cuda.synchronize(self.device)
         if self.spans:
-            self.report.gpu_busy_s = sum(b.elapsed_time(e) for b, e in self.spans) / 1e3
+            steps = [b.elapsed_time(e) for b, e in self.spans]
+            self.report.gpu_busy_s = sum(steps) / 1e3
+            self.report.step_ms = step_quantiles(steps)
             self.report.gpu_span_s = self.spans[0][0].elapsed_time(self.spans[-1][1]) / 1e3
         self.report.copy_s = sum(b.elapsed_time(e) for b, e in self.copies) / 1e3
 

@@ -381,6 +381,13 @@ class PipelineReport:
     buffer_waits: int = 0  # chunks that found the ring full (backpressure from the host)
     host_idle_s: float = 0.0  # host thread waiting for a chunk
     peak_gpu_bytes: int = 0
+    # Decode steps' own times (ms: p50, p90, max): a uniformly slower step and a few slow
+    # ones (a recompile, a capture) have different causes, and the sum alone hides which.
+    step_ms: dict = field(default_factory=dict)
+    # The process the decode loop ran in: the cores it may use and torch's CPU threads (a
+    # Ray actor gets OMP_NUM_THREADS from its num_cpus), to compare a shard across hosts.
+    cores: int = 0
+    torch_threads: int = 0
     sink: dict = field(default_factory=dict)
 
     @property

@@ -176,7 +176,9 @@ def chrome_trace(records: list[SegmentRecord], job_started: float, stitch: dict 
         pipe_end = m.pipeline_ended - r.flush_s
         span("setup", m.started, m.pipeline_started, 2)
         span("decode+copy+encode", m.pipeline_started, pipe_end, 2,
-             {"gpu_busy_s": r.gpu_busy_s, "copy_s": r.copy_s, "host_busy_s": r.host_busy_s})
+             {"gpu_busy_s": r.gpu_busy_s, "copy_s": r.copy_s, "host_busy_s": r.host_busy_s,
+              "step_ms": r.step_ms, "wait_for_buffer_s": r.wait_for_buffer_s, "buffer_waits": r.buffer_waits,
+              "cores": r.cores, "torch_threads": r.torch_threads})
         span("encoder flush", pipe_end, m.pipeline_ended, 2)
         span("upload", m.pipeline_ended, m.ended, 2)
     meta_events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}

@@ -46,6 +46,9 @@ def test_sync_and_async_give_identical_frames(tmp_path, depth):
     assert [read_index(f) for f in async_frames] == list(range(pixel_frames(6)))
     for r in (rs, ra):
         assert r.chunks == 6 and r.gpu_busy_s > 0 and r.host_busy_s > 0 and r.bottleneck in {"gpu", "host", "copy"}
+        # Every step timed: the quantiles are ordered and the slowest is no more than all of them.
+        assert 0 < r.step_ms["p50"] <= r.step_ms["p90"] <= r.step_ms["max"] <= r.gpu_busy_s * 1e3 + 0.01
+        assert r.cores >= 1 and r.torch_threads >= 1
     assert not _host_threads()
 
 
