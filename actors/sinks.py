@@ -105,7 +105,7 @@ def encoder_opens(codec: str, width: int = 256, height: int = 256) -> bool:
 
 def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, encoder: str = "auto",
               crf: int = 18, preset: str = "veryfast", threads: int = 1, frames: int | None = None,
-              parts: int | None = None) -> Sink:
+              parts: int | None = None, low_latency_tail: bool = True) -> Sink:
     """A sink for one segment of `fmt` at `path`.
 
     mp4 with libx264, given the segment's frame count (`frames`) and frames of 640x360 or
@@ -113,7 +113,8 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
     (`plan_parts`; a segment too short to split has one), frames waiting for them in memory
     (see `_PartedMp4Sink`), so that libx264's uneven pace never holds the frame pipeline's
     buffers; `parts` overrides the count; `parts=1` is one encoder called from the writer's
-    thread.
+    thread. `low_latency_tail`: the last of several parts is encoded with `TAIL_X264_PARAMS`
+    (False: like the others, as before 2026-12-02).
     """
     fmt = check_format(fmt)
     if width <= 0 or height <= 0:
@@ -129,7 +130,7 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
                 and (encoder == "libx264" or not nvenc_available(width, height))):
             sizes, part_threads = plan_parts(frames, width, height, available_cores(), parts)
             return _PartedMp4Sink(path, width, height, fps, sizes, crf=crf, preset=preset,
-                                  threads=part_threads)
+                                  threads=part_threads, low_latency_tail=low_latency_tail)
         return _Mp4Sink(path, width, height, fps, encoder=encoder, crf=crf, preset=preset, threads=threads)
     if fmt in _MKV_ALIASES:
         return _Ffv1Sink(path, width, height, fps, threads=threads)
@@ -148,6 +149,15 @@ MIN_PARTED_PIXELS = 640 * 360
 _BUFFER_BYTES = 512 * 2**20
 _POLL_S = 0.1
 _ABORT_JOIN_S = 30.0
+# libx264 options of a parted segment's last part. What is left to encode after the last
+# frame is what libx264 holds back: with veryfast's rc-lookahead of 10 and 3 B-frames, about
+# 13 frames, all of a 12-frame last part. A lookahead of 3 (x264 raises anything smaller to
+# the B-frame count, and 0 turns off mb-tree and adaptive B-frames: +4% bytes) holds about
+# 6; slice threads (PyAV's default already) and no sync lookahead add no frame-thread delay.
+# None of these reach the stream header: SPS and PPS stay byte-identical to the other parts',
+# which actors/concat.py requires, and B-frames, pyramid and refs, on which the header's
+# reorder depth depends, are untouched. Measured in docs/benchmarks.md (bytes within 0.1%).
+TAIL_X264_PARAMS = "sliced-threads=1:sync-lookahead=0:rc-lookahead=3"
 
 
 def available_cores() -> int:
@@ -341,7 +351,7 @@ class _AvSink(_BaseSink):
 
 class _Mp4Sink(_AvSink):
     def __init__(self, path: str, width: int, height: int, fps: int, *, encoder: str, crf: int,
-                 preset: str, threads: int, target: io.BytesIO | None = None):
+                 preset: str, threads: int, target: io.BytesIO | None = None, x264_params: str = ""):
         if width % 2 or height % 2:
             raise ValueError(f"mp4 (yuv420p) needs even dimensions, got {width}x{height}")
         if encoder not in ("auto", "libx264", "h264_nvenc"):
@@ -356,6 +366,8 @@ class _Mp4Sink(_AvSink):
                 if encoder == "h264_nvenc":
                     raise
         x264 = {"crf": str(crf), "preset": preset}
+        if x264_params:
+            x264["x264-params"] = x264_params
         self._open_stream("libx264", "yuv420p", x264, threads, bt709=True)
 
     @staticmethod
@@ -384,9 +396,10 @@ class _Mp4Part(_Mp4Sink):
     and writing, flushing and re-reading them cost more than encoding the last frames.
     """
 
-    def __init__(self, name: str, width: int, height: int, fps: int, *, crf: int, preset: str, threads: int):
+    def __init__(self, name: str, width: int, height: int, fps: int, *, crf: int, preset: str, threads: int,
+                 x264_params: str = ""):
         super().__init__(name, width, height, fps, encoder="libx264", crf=crf, preset=preset, threads=threads,
-                         target=io.BytesIO())
+                         target=io.BytesIO(), x264_params=x264_params)
         self.data: bytes | None = None  # the whole mp4, once closed
 
     def _commit(self) -> int:
@@ -414,7 +427,8 @@ class _PartedMp4Sink:
     layout = "yuv420p"
 
     def __init__(self, path: str, width: int, height: int, fps: int, sizes: list[int], *, crf: int,
-                 preset: str, threads: list[int], max_buffered: int | None = None):
+                 preset: str, threads: list[int], max_buffered: int | None = None,
+                 low_latency_tail: bool = True):
         self.path = os.path.abspath(path)
         self.width, self.height, self.fps = width, height, fps
         self.sizes = list(sizes)
@@ -424,6 +438,8 @@ class _PartedMp4Sink:
             raise ValueError(f"{len(sizes)} parts but {len(threads)} thread counts")
         self.threads = list(threads)
         self._options = dict(crf=crf, preset=preset)
+        # One part is the whole segment: a short lookahead there would cost bytes everywhere.
+        self._low_latency_tail = low_latency_tail and len(sizes) > 1
         frame_bytes = width * height * 3 // 2
         self.max_buffered = max_buffered or max(2 * MIN_PART_FRAMES, _BUFFER_BYTES // frame_bytes)
         self._cond = threading.Condition()
@@ -454,7 +470,9 @@ class _PartedMp4Sink:
                             threads=self.threads[index], **self._options)
         else:
             sink = _Mp4Part(f"{self.path}#part{index}", self.width, self.height, self.fps,
-                            threads=self.threads[index], **self._options)
+                            threads=self.threads[index], **self._options,
+                            x264_params=TAIL_X264_PARAMS if self._low_latency_tail and index == len(self.sizes) - 1
+                            else "")
         part = _Part(self, index, sink, self.sizes[index])
         with self._cond:
             self._parts.append(part)

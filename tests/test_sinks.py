@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import tarfile
@@ -312,6 +313,9 @@ def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_pa
     assert visible(tmp_path) == ["parted.mp4"]  # no part left behind
     assert [read_index(f) for f in read_frames(path, "mp4")] == list(range(61))
     assert inspect_segment(path, "mp4", 16, expected=61).frames == 61
+    with open(path, "rb") as f:  # each part's first frame carries its x264 options; the last
+        lookaheads = re.findall(rb"rc_lookahead=(\d+)", f.read())  # part's are TAIL_X264_PARAMS
+    assert lookaheads == [b"10", b"10", b"3"]
     # A segment of one encoder and a parted one join into one video: the same stream parameters.
     single = open_sink("mp4", str(tmp_path / "single.mp4"), W, H, 16, encoder="libx264", frames=8, parts=1)
     single.write(pattern_frames(61, 8))
@@ -319,6 +323,25 @@ def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_pa
     out = str(tmp_path / "video.mp4")
     concat_segments([path, str(tmp_path / "single.mp4")], "mp4", out, 16, expected_frames=[61, 8])
     assert [read_index(f) for f in read_frames(out, "mp4")] == list(range(69))
+
+
+def test_a_parted_segment_whose_last_part_has_a_short_lookahead_joins_losslessly(tmp_path):
+    """The last part's own x264 options (TAIL_X264_PARAMS) keep the stream header every part
+    shares: the joined segment decodes to the input, bit for bit (crf 0 is lossless; x264 has
+    no lookahead to shorten there, so the crf 18 test above checks that the options apply)."""
+    from actors.concat import inspect_segment
+
+    frames = np.random.default_rng(1).integers(0, 256, (30, H * 3 // 2, W), dtype=np.uint8)
+    path = str(tmp_path / "lossless.mp4")
+    sink = open_sink("mp4", path, W, H, 16, encoder="libx264", crf=0, frames=30, parts=2)
+    assert sink.sizes == [18, 12]
+    for i in range(0, 30, 4):
+        sink.write(frames[i:i + 4])
+    assert sink.close().frames == 30
+    assert inspect_segment(path, "mp4", 16, expected=30).frames == 30
+    with av.open(path) as container:
+        decoded = np.stack([f.to_ndarray(format="yuv420p") for f in container.decode(video=0)])
+    np.testing.assert_array_equal(decoded, frames)
 
 
 def test_a_parted_segment_short_of_frames_or_aborted_leaves_nothing(tmp_path):
