@@ -175,12 +175,14 @@ class _CpuDevice:
 
 
 def step_quantiles(steps_ms: list[float]) -> dict:
-    """p50, p90 and max of the decode steps' times (ms), rounded to 0.01 ms; {} for none."""
+    """p50, p90 and max of the decode steps' times (ms, to 0.01 ms), the slowest step's index
+    and the first three steps (a new stream's own); {} for none."""
     if not steps_ms:
         return {}
     s = sorted(steps_ms)
-    return {name: round(s[min(len(s) - 1, int(q * len(s)))], 2)  # nearest rank
-            for name, q in (("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
+    q = {name: round(s[min(len(s) - 1, int(at * len(s)))], 2)  # nearest rank
+         for name, at in (("p50", 0.5), ("p90", 0.9), ("max", 1.0))}
+    return {**q, "max_at": steps_ms.index(s[-1]), "first": [round(t, 2) for t in steps_ms[:3]]}
 
 
 class _CudaDevice:

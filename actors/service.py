@@ -22,6 +22,7 @@ _IMPORTS_STARTED = time.time()
 
 import math  # noqa: E402
 import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import ray  # noqa: E402
@@ -68,8 +69,13 @@ class FarmWorker:
     metrics tagged by job and by replica."""
 
     def __init__(self, device: str, scratch_dir: str | None = None):
-        self.worker = ray_shard_worker(device, scratch_dir, (_IMPORTS_STARTED, _IMPORTS_ENDED),
-                                       "Serve replica process up")
+        # Serve runs each call of a replica on whichever thread of its pool is free, but CUDA
+        # keeps per-thread state (cuDNN and cuBLAS handles, the current stream): a shard on
+        # another thread than the warm-up's paid about 0.8 s more of GPU time on an H200
+        # (docs/benchmarks.md). So every GPU call of this replica runs on one thread of its own.
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framefarm-gpu")
+        self.worker = self._gpu.submit(ray_shard_worker, device, scratch_dir, (_IMPORTS_STARTED, _IMPORTS_ENDED),
+                                       "Serve replica process up").result()
         self.replica = serve.get_replica_context().replica_id.unique_id
         tags = ("job", "replica")
         self.frames = metrics.Counter("framefarm_farm_frames", "Frames decoded and committed by the farm",
@@ -95,7 +101,8 @@ class FarmWorker:
 
     def check_input(self, spec, latent_height: int, latent_width: int, encoder: str | None = None,
                     compile_cache: str | None = None) -> dict:
-        return self.worker.check_input(spec, latent_height, latent_width, encoder, compile_cache)
+        return self._gpu.submit(self.worker.check_input, spec, latent_height, latent_width, encoder,
+                                compile_cache).result()
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor,
                      call: tuple[str, str] | None = None) -> SegmentRecord:
@@ -108,7 +115,7 @@ class FarmWorker:
             threading.Thread(target=self._beat, args=(*call, done), daemon=True,
                              name="framefarm-beat").start()
         try:
-            record = self.worker.render_shard(task, latents)
+            record = self._gpu.submit(self.worker.render_shard, task, latents).result()
         finally:
             done.set()
         tags = {"job": task.job_id, "replica": self.replica}
