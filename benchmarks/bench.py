@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", type=parse_list, default=["a", "c", "c1", "d"],
                    help="subset of a,c,c1,d (default: all); c1 is (c) with parts=1: libx264 called from the pipeline's host thread")
     p.add_argument("--parts", default="auto",
-                   help="the mp4 sink's parts for (c): auto (as a worker chooses), or a count; 1: one encoder")
+                   help="the mp4 sink's parts for (c): auto (as a worker chooses), or a count; 1: one encoder; "
+                        "a +plain suffix (auto+plain) encodes the last part without its low-latency options")
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="veryfast")
     p.add_argument("--depth", type=int, default=2, help="the pipeline's ring of host buffers (default: 2)")
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not set(args.variants) <= {"a", "c", "c1", "d"}:
         p.error("--variants is a subset of a,c,c1,d")
-    if args.parts != "auto" and not (args.parts.isdigit() and int(args.parts) >= 1):
+    planned = args.parts.removesuffix("+plain")
+    if planned != "auto" and not (planned.isdigit() and int(planned) >= 1):
         p.error("--parts is 'auto' or a count >= 1")
     if args.runs < 1 or args.latent_frames < 1:
         p.error("--runs and --latent-frames must be >= 1")
@@ -57,8 +59,10 @@ def parse_args(argv=None):
 
 
 def _mp4(path: str, width: int, height: int, frames: int, args, parts: str = "1"):
+    planned = parts.removesuffix("+plain")
     return open_sink("mp4", path, width, height, 16, encoder="libx264", crf=args.crf, preset=args.preset,
-                     threads=0, frames=frames, parts=None if parts == "auto" else int(parts))
+                     threads=0, frames=frames, parts=None if planned == "auto" else int(planned),
+                     low_latency_tail=not parts.endswith("+plain"))
 
 
 def variant_a(vae, latents: torch.Tensor, device: torch.device, path: str, args) -> dict:

@@ -1,6 +1,6 @@
 """The mp4 sink's host side alone (CPU only): one libx264 encoder against frame-parallel parts.
 
-    python -m benchmarks.bench_encode [--size 1280x720] [--frames 161] [--parts auto,1]
+    python -m benchmarks.bench_encode [--size 1280x720] [--frames 161] [--parts auto,auto+plain,1]
                                       [--fps-in R] [--repeat 3] [--json bench_encode.json]
 
 Writes --frames frames of --size (I420, as the frame pipeline hands them over, 4 at a time)
@@ -15,7 +15,9 @@ into the mp4 sink, libx264 veryfast crf 18, in two ways:
 
 for each --parts value: 1 is one encoder with libx264's own threads (the sink before
 frame-parallel encoding), auto is what the sink chooses here (actors/sinks.py plan_parts),
-N forces N parts. Bytes are compared with the one-encoder segment, and frames per CPU
+N forces N parts; a "+plain" suffix (auto+plain) encodes the last part like the others, as
+before its low-latency options (actors/sinks.py TAIL_X264_PARAMS): "after last frame" is
+what those options cut. Bytes are compared with the one-encoder segment, and frames per CPU
 second (all threads) says how much encoder work each way costs, which a machine shared
 with other work still measures where wall times do not. The frames are the test
 pattern on moving gradients with grain, so that the encoder has texture and motion to code.
@@ -46,14 +48,18 @@ def parse_args(argv=None):
     p = parser("bench_encode", __doc__, "bench_encode.json")
     p.add_argument("--size", type=parse_size, default=(1280, 720), help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument("--frames", type=int, default=161, help="frames in the segment (default: 161, 41 latents)")
-    p.add_argument("--parts", type=lambda s: parse_list(s, str), default=["auto", "1"],
-                   help="comma-separated: auto, or a part count (1: one encoder); default: auto,1")
+    p.add_argument("--parts", type=lambda s: parse_list(s, str), default=["auto", "auto+plain", "1"],
+                   help="comma-separated: auto, or a part count (1: one encoder), +plain for no "
+                        "low-latency last part; default: auto,auto+plain,1")
     p.add_argument("--fps-in", type=float, default=None, help="paced arrival rate (default: see above)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported (default: 3)")
+    p.add_argument("--modes", type=lambda s: parse_list(s, str), default=["offline", "paced"],
+                   help="offline, paced or both (default: offline,paced)")
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="veryfast")
     args = p.parse_args(argv)
     for v in args.parts:
+        v = v.removesuffix("+plain")
         if v != "auto" and not (v.isdigit() and int(v) >= 1):
             p.error(f"--parts takes 'auto' or counts >= 1, got {v!r}")
     if args.frames < 1 or args.repeat < 1:
@@ -86,8 +92,10 @@ def encode(frames: np.ndarray, path: str, parts: str, args, fps_in: float | None
     width = frames.shape[2]
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
+    planned = parts.removesuffix("+plain")
     sink = open_sink("mp4", path, width, height, 16, encoder="libx264", crf=args.crf, preset=args.preset,
-                     threads=0, frames=count, parts=None if parts == "auto" else int(parts))
+                     threads=0, frames=count, parts=None if planned == "auto" else int(planned),
+                     low_latency_tail=not parts.endswith("+plain"))
     arrived = threading.Event()
     for i in range(0, count, 4):
         if fps_in is not None:
@@ -123,10 +131,14 @@ def main(argv=None) -> int:
     print(f"{width}x{height} x {args.frames} frames, {cores} cores; auto: {len(sizes)} parts {sizes}, "
           f"{threads} x264 threads per part; paced at {args.fps_in:.1f} frames/s\n", flush=True)
     tmp = tempfile.mkdtemp(prefix="ffenc-")
-    for mode, fps_in in (("offline", None), ("paced", args.fps_in)):
-        for parts in args.parts:
-            runs = [encode(frames, os.path.join(tmp, f"{mode}-{parts}-{r}.mp4"), parts, args, fps_in)
-                    for r in range(args.repeat)]
+    for mode, fps_in in [m for m in (("offline", None), ("paced", args.fps_in)) if m[0] in args.modes]:
+        # Interleaved, so that other work on the machine weighs on every way alike.
+        by_parts = {parts: [] for parts in args.parts}
+        for r in range(args.repeat):
+            for parts in args.parts:
+                by_parts[parts].append(encode(frames, os.path.join(tmp, f"{mode}-{parts}-{r}.mp4"), parts, args,
+                                              fps_in))
+        for parts, runs in by_parts.items():
             row = {"mode": mode, "parts": parts, "runs": runs, "part_count": runs[0]["parts"]}
             for key in ("wall_s", "tail_s", "fps", "cpu_s", "frames_per_cpu_s", "bytes", "over_arrival"):
                 values = [r[key] for r in runs if r[key] is not None]
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
             row["bytes"] = int(row["bytes"])
             results["rows"].append(row)
             write_json(args.json, results)
-    for mode in ("offline", "paced"):
+    for mode in args.modes:
         rows = [r for r in results["rows"] if r["mode"] == mode]
         one = next((r for r in rows if r["parts"] == "1"), None)
         for r in rows:

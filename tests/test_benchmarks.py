@@ -32,9 +32,10 @@ def test_bench_encode_runs_tiny_and_compares_bytes(tmp_path):
     from benchmarks.bench_encode import main
 
     out = tmp_path / "enc.json"
-    assert main(["--size", "640x368", "--frames", "24", "--parts", "1,2", "--repeat", "1", "--fps-in", "400",
-                 "--json", str(out)]) == 0
+    assert main(["--size", "640x368", "--frames", "24", "--parts", "1,2,2+plain", "--repeat", "1", "--fps-in", "400",
+                 "--modes", "paced", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {(r["mode"], r["parts"]): r for r in result["rows"]}
     assert rows[("paced", "2")]["part_count"] == 2 and rows[("paced", "1")]["part_count"] == 1
-    assert 0.5 < rows[("offline", "2")]["bytes"] / rows[("offline", "1")]["bytes"] < 2
+    assert rows[("paced", "2+plain")]["part_count"] == 2  # the last part without its low-latency options
+    assert 0.5 < rows[("paced", "2")]["bytes"] / rows[("paced", "1")]["bytes"] < 2
