@@ -113,8 +113,9 @@ def open_sink(fmt: str, path: str, width: int, height: int, fps: int = 16, *, en
     (`plan_parts`; a segment too short to split has one), frames waiting for them in memory
     (see `_PartedMp4Sink`), so that libx264's uneven pace never holds the frame pipeline's
     buffers; `parts` overrides the count; `parts=1` is one encoder called from the writer's
-    thread. `low_latency_tail`: the last of several parts is encoded with `TAIL_X264_PARAMS`
-    (False: like the others, as before 2026-12-02).
+    thread. `low_latency_tail`: the last of several parts is encoded with `TAIL_X264_PARAMS`,
+    and the segment is put on disk as each earlier part joins it, so that little is left to
+    do after the last frame (False: as before 2026-12-02, for benchmarks).
     """
     fmt = check_format(fmt)
     if width <= 0 or height <= 0:
@@ -550,6 +551,8 @@ class _PartedMp4Sink:
                     return
                 data, part.sink.data = part.sink.data, None  # the packets are in the segment now
                 self._concat.append(part.sink.path, size, data=data)
+                if self._low_latency_tail and index < len(self.sizes) - 1:
+                    self._concat.sync()  # while the next part encodes, not after the last frame
         except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
             self._failed(exc)
 
