@@ -38,6 +38,9 @@ log = logging.getLogger("framefarm")
 SCRATCH_PREFIX = "framefarm-scratch-"
 WEIGHTS_PREFIX = "framefarm-weights-"
 COMPILER_IMPORT_ENV = "FRAMEFARM_COMPILER_IMPORT"  # "background" (default) or "inline"
+# How many cuDNN convolution algorithms the autotune tries per shape: torch's default is 10
+# (the heuristics' first ten); 0 tries every one. Read once per worker, to measure both.
+CUDNN_LIMIT_ENV = "FRAMEFARM_CUDNN_BENCHMARK_LIMIT"
 
 
 # PyTorch's caching allocator reserves more than the peak it hands out: 14.2 GiB reserved
@@ -147,6 +150,8 @@ class ShardWorker:
             if self.device.type == "cuda":
                 # Every call has the same shapes (one latent frame): let cuDNN pick its fastest algorithms.
                 torch.backends.cudnn.benchmark = True
+                if os.environ.get(CUDNN_LIMIT_ENV):
+                    torch.backends.cudnn.benchmark_limit = int(os.environ[CUDNN_LIMIT_ENV])
                 # Create the CUDA context now, where it shows as its own phase, not inside the first shard.
                 torch.empty(1, device=self.device)
             self.info = dataclasses.replace(describe_device(self.device), node_id=node_id, gpu_ids=tuple(gpu_ids))
