@@ -157,7 +157,7 @@ _ABORT_JOIN_S = 30.0
 # 6; slice threads (PyAV's default already) and no sync lookahead add no frame-thread delay.
 # None of these reach the stream header: SPS and PPS stay byte-identical to the other parts',
 # which actors/concat.py requires, and B-frames, pyramid and refs, on which the header's
-# reorder depth depends, are untouched. Measured in docs/benchmarks.md (bytes within 0.1%).
+# reorder depth depends, are untouched. Measured in docs/benchmarks.md (bytes within 0.2%).
 TAIL_X264_PARAMS = "sliced-threads=1:sync-lookahead=0:rc-lookahead=3"
 
 
@@ -176,10 +176,11 @@ def plan_parts(frames: int, width: int, height: int, cores: int, parts: int | No
 
     Parts are encoded side by side and appended to the segment as each finishes. Frames reach
     the sink in order, as fast as the decoder makes them, so what is left after the last frame
-    is the last part's encoding (libx264 holds back its lookahead, about 10 frames, until it is
-    flushed). The parts therefore double in size from the end, the last MIN_PART_FRAMES long,
-    so that few parts mean few extra IDR frames and little left after the last frame; each has
-    a thread per core, shared where parts overlap. On 8 cores of an H200 host at 720p this
+    is the last part's encoding (libx264 holds back its lookahead until it is flushed: 10
+    frames, 3 in the last part, whose `TAIL_X264_PARAMS` shorten it). The parts therefore
+    double in size from the end, the last MIN_PART_FRAMES long, so that few parts mean few
+    extra IDR frames and little left after the last frame; each has a thread per core, shared
+    where parts overlap. On 8 cores of an H200 host at 720p, before the short lookahead, this
     left 0.33-0.36 s after the last frame in three runs out of three, where one encoder on a
     thread of its own left 0.34 and 0.67 s (docs/benchmarks.md), at the same bytes.
     `parts` overrides the count (1: one encoder); one core gets one encoder.
