@@ -7,6 +7,12 @@ One application, `framefarm`, outlives every job and is shared by every driver:
     Decoders are cached per `DecoderSpec` inside the worker, so a model loads once per replica.
   - `FarmLedger`: one CPU-less replica that knows which jobs are running now and tells each
     its fair share of the replicas (`fair_share`), so a long job cannot starve a later short one.
+  - `FarmBoard`: a plain Ray actor the ledger starts (and takes down with it; drivers get its
+    handle with their share and pass it with each shard), where replicas running a shard post their decode-step counts for the drivers' stall watch. Not a Serve
+    deployment, on purpose: a Serve call's answer is streamed back, and the callee's event
+    loop waits until the caller has taken every piece of it (Ray's
+    `WaitAllObjectsReported`), so one caller SIGSTOPped mid-call froze the whole ledger for
+    every job until that caller died. A plain actor call's reply blocks nothing.
 
 Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s, the policy is the
 plain function `fair_share`.
@@ -36,6 +42,7 @@ from actors.ray_actors import ray_shard_worker  # noqa: E402
 _IMPORTS_ENDED = time.time()
 
 APP = "framefarm"
+BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the board
 BEAT_S = 1.0  # how often a replica running a shard tells the ledger its decode-step count
 WORKER = "FarmWorker"
 LEDGER = "FarmLedger"
@@ -88,12 +95,11 @@ class FarmWorker:
     def describe(self) -> WorkerInfo:
         return self.worker.info
 
-    def _beat(self, job: str, call: str, done: threading.Event) -> None:
+    def _beat(self, job: str, call: str, board, done: threading.Event) -> None:
         me = ray.get_runtime_context().current_actor  # so that the driver can end a stuck replica
-        ledger = serve.get_deployment_handle(LEDGER, app_name=APP)
         while True:
             try:
-                ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me).result(timeout_s=30)
+                ray.get(board.beat.remote(job, call, self.worker.progress(), self.worker.info, me), timeout=30)
             except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
                 pass
             if done.wait(BEAT_S):
@@ -105,10 +111,10 @@ class FarmWorker:
                                 compile_cache).result()
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor,
-                     call: tuple[str, str] | None = None) -> SegmentRecord:
-        """`call`: (the job's key in the ledger, the driver's name for this call); while it
-        runs, the worker's decode-step count goes to the ledger under it every BEAT_S (a
-        replica answers no other call mid-shard): the driver's stall watch reads it there."""
+                     call: tuple | None = None) -> SegmentRecord:
+        """`call`: (the job's key in the ledger, the driver's name for this call, the farm's
+        board); while it runs, the worker's decode-step count goes to the board under it every
+        BEAT_S (a replica answers no other call mid-shard): the driver's stall watch reads it there."""
         t = time.perf_counter()
         done = threading.Event()
         if call is not None:
@@ -125,11 +131,38 @@ class FarmWorker:
         return record
 
 
+@ray.remote(num_cpus=0, max_concurrency=8)
+class FarmBoard:
+    """Decode-step counts of the calls running on the farm, by job: replicas post, drivers read.
+
+    Calls not heard from for BEAT_FORGET_S are dropped, so that a shard that runs on after its
+    job left (an abandoned call runs to its end) leaves nothing behind for long."""
+
+    def __init__(self):
+        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor, heard at)}
+
+    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
+        self.calls.setdefault(job, {})[call] = (steps, info, replica, time.monotonic())
+
+    def progress(self, job: str) -> dict:
+        """{call: (steps, WorkerInfo, replica actor)} of the job's calls heard from lately."""
+        now = time.monotonic()
+        for key in list(self.calls):
+            self.calls[key] = {c: v for c, v in self.calls[key].items() if now - v[3] < BEAT_FORGET_S}
+            if not self.calls[key]:
+                del self.calls[key]
+        return {c: v[:3] for c, v in self.calls.get(job, {}).items()}
+
+    def leave(self, job: str) -> None:
+        self.calls.pop(job, None)
+
+
 class FarmLedger:
     """Which jobs run now, so that each takes only its fair share of the replicas.
 
     A job renews its lease whenever it asks for its share; a driver that died without
-    leaving stops counting after `lease_s`.
+    leaving stops counting after `lease_s`. Only drivers call it (replicas post to the board,
+    which the ledger starts and which ends with it).
     """
 
     def __init__(self, capacity: int, use_gpu: bool, workers=None, lease_s: float = 30.0):
@@ -138,7 +171,7 @@ class FarmLedger:
         self.workers = workers  # the FarmWorker deployment's handle: keeps it in this application
         self.lease_s = lease_s
         self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
-        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor)}
+        self.board = FarmBoard.remote()  # owned by this replica: it ends with it
         self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
 
     def share(self, job: str) -> dict:
@@ -147,22 +180,13 @@ class FarmLedger:
         for key, seen in list(self.jobs.items()):
             if now - seen > self.lease_s:
                 del self.jobs[key]
-                self.calls.pop(key, None)
+                self.board.leave.remote(key)
         self.running.set(len(self.jobs))
         return {"share": fair_share(self.capacity, len(self.jobs)), "jobs": len(self.jobs),
-                "capacity": self.capacity, "use_gpu": self.use_gpu}
-
-    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
-        """A replica's decode-step count for one running call of `job`."""
-        if job in self.jobs:
-            self.calls.setdefault(job, {})[call] = (steps, info, replica)
-
-    def progress(self, job: str) -> dict:
-        """{call: (steps, WorkerInfo, replica actor)} of the job's calls heard from."""
-        return dict(self.calls.get(job, {}))
+                "capacity": self.capacity, "use_gpu": self.use_gpu, "board": self.board}
 
     def leave(self, job: str) -> None:
-        self.calls.pop(job, None)
+        self.board.leave.remote(job)
         self.jobs.pop(job, None)
         self.running.set(len(self.jobs))
 

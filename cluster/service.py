@@ -97,10 +97,11 @@ class ServicePool(WorkerPool):
     ordinary futures as it waits on object refs with actors.
 
     The stall watch: a replica takes one call at a time, so none answers a progress call
-    mid-shard; instead a replica running a shard sends its decode-step count to the ledger
-    under the call's name every second, and `steps` reads the ledger's answers (asked at most
-    once a second for all the job's calls). A stalled call's replica is killed by `replace`;
-    Serve starts another.
+    mid-shard; instead a replica running a shard sends its decode-step count to the farm's
+    board (`actors.service.FarmBoard`, a plain actor: see there why not the ledger) under the
+    call's name every second, and `steps` reads the board's answers. The ledger and the board
+    are asked together at most once a second, in a thread of their own: the dispatch loop
+    never waits on them. A stalled call's replica is killed by `replace`; Serve starts another.
     """
 
     farm = True
@@ -112,7 +113,7 @@ class ServicePool(WorkerPool):
         self._workers = serve.get_deployment_handle(WORKER, app_name=APP)
         answer = self._ledger.share.remote(self.job).result(timeout_s=60)
         self.size = answer["capacity"]
-        self._share, self._asked = answer["share"], time.monotonic()
+        self._share, self._board = answer["share"], answer["board"]
         self.use_gpu = answer["use_gpu"]
         self._slots = [_Slot(i) for i in range(self.size)]
         self._couriers = concurrent.futures.ThreadPoolExecutor(self.size + 2, thread_name_prefix="framefarm-farm")
@@ -120,20 +121,39 @@ class ServicePool(WorkerPool):
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
         self._running: dict = {}  # slot -> name of the call it runs now
-        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the ledger's last answer
-        self._asking: concurrent.futures.Future | None = None  # a progress question in flight
-        self._asked_progress = 0.0
+        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the board's last answer
+        self._asking: concurrent.futures.Future | None = None  # a share-and-progress question in flight
+        self._asked = time.monotonic()
         # Its own thread: couriers may all be waiting on shards (withdrawn copies included).
         self._asker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="framefarm-farm-progress")
 
+    def _turn(self) -> tuple[dict, dict]:
+        """The ledger's answer (share, board) and the board's (progress), asked once a second."""
+        answer = self._ledger.share.remote(self.job).result(timeout_s=30)
+        return answer, ray.get(answer["board"].progress.remote(self.job), timeout=30)
+
+    def _poll(self) -> None:
+        """Take the last answer if it came, ask again once a second. Never waits: the dispatch
+        loop runs the stall watch, which must not hang on the ledger (or the board) it reads;
+        no answer keeps the last share and reads as no news of progress."""
+        if self._asking is not None and self._asking.done():
+            try:
+                answer, self._heard = self._asking.result()
+            except Exception as exc:  # noqa: BLE001 - asked again in a second
+                log.warning("farm: no answer from the farm's ledger or board (%s); keeping this job's share", exc)
+            else:
+                if answer["share"] != self._share:
+                    log.info("farm: %d jobs running, this one's share is %d of %d replicas",
+                             answer["jobs"], answer["share"], answer["capacity"])
+                self._share, self._board = answer["share"], answer["board"]
+            self._asking = None
+        if self._asking is None and time.monotonic() - self._asked >= _SHARE_REFRESH_S:
+            self._asked = time.monotonic()
+            self._asking = self._asker.submit(self._turn)
+
     @property
     def share_of_farm(self) -> int:
-        if time.monotonic() - self._asked > _SHARE_REFRESH_S:
-            answer = self._ledger.share.remote(self.job).result(timeout_s=60)
-            if answer["share"] != self._share:
-                log.info("farm: %d jobs running, this one's share is %d of %d replicas",
-                         answer["jobs"], answer["share"], answer["capacity"])
-            self._share, self._asked = answer["share"], time.monotonic()
+        self._poll()
         return self._share
 
     def ready(self) -> list:
@@ -182,7 +202,7 @@ class ServicePool(WorkerPool):
 
     def submit(self, slot, task: ShardTask, latents) -> concurrent.futures.Future:
         self._running[slot] = call = uuid.uuid4().hex
-        return self._call("render_shard", task, latents, (self.job, call))
+        return self._call("render_shard", task, latents, (self.job, call, self._board))
 
     def wait_any(self, handles, timeout_s: float) -> list:
         done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
@@ -198,16 +218,7 @@ class ServicePool(WorkerPool):
             raise WorkerLost(type(exc).__name__) from exc
 
     def steps(self, slot) -> int | None:
-        if self._asking is not None and self._asking.done():
-            try:
-                self._heard = self._asking.result()
-            except Exception as exc:  # noqa: BLE001 - asked again in a second; no news reads as no progress
-                log.warning("farm: could not read shard progress from the ledger (%s)", exc)
-            self._asking = None
-        if self._asking is None and time.monotonic() - self._asked_progress >= _SHARE_REFRESH_S:
-            self._asked_progress = time.monotonic()
-            self._asking = self._asker.submit(
-                lambda: self._ledger.progress.remote(self.job).result(timeout_s=30))
+        self._poll()
         call = self._running.get(slot)
         if call not in self._heard:
             # Not started on a replica yet: Serve queues it until one is free (one may be
