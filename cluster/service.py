@@ -27,6 +27,7 @@ from cluster.dispatch import (JobStitcher, RayStitcher, ShardFailed, WorkerLost,
 log = logging.getLogger("framefarm")
 
 _SHARE_REFRESH_S = 1.0
+_ASK_TIMEOUT_S = 10.0  # one question to the ledger or the board; asked again a second later
 
 
 def farm_running() -> bool:
@@ -126,11 +127,16 @@ class ServicePool(WorkerPool):
         self._asked = time.monotonic()
         # Its own thread: couriers may all be waiting on shards (withdrawn copies included).
         self._asker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="framefarm-farm-progress")
+        self._question = None  # the ledger call the asker waits on, cancelled by shutdown
+        self._closed = False
 
     def _turn(self) -> tuple[dict, dict]:
         """The ledger's answer (share, board) and the board's (progress), asked once a second."""
-        answer = self._ledger.share.remote(self.job).result(timeout_s=30)
-        return answer, ray.get(answer["board"].progress.remote(self.job), timeout=30)
+        self._question = self._ledger.share.remote(self.job)
+        answer = self._question.result(timeout_s=_ASK_TIMEOUT_S)
+        if self._closed:  # no Ray call after the pool's shutdown: the process may be leaving Ray
+            raise concurrent.futures.CancelledError()
+        return answer, ray.get(answer["board"].progress.remote(self.job), timeout=_ASK_TIMEOUT_S)
 
     def _poll(self) -> None:
         """Take the last answer if it came, ask again once a second. Never waits: the dispatch
@@ -266,7 +272,13 @@ class ServicePool(WorkerPool):
         for response in list(self._calls.values()):
             response.cancel()
         self._couriers.shutdown(wait=False, cancel_futures=True)
-        self._asker.shutdown(wait=False, cancel_futures=True)
+        # A question in flight is cancelled and its thread waited for: left running, it would
+        # hold the interpreter's exit (up to its timeout; 3 s of a warm CLI job's exit on a
+        # loaded host), and a Ray call after ray.shutdown would start a new Ray.
+        self._closed = True
+        if self._question is not None:
+            self._question.cancel()
+        self._asker.shutdown(wait=True, cancel_futures=True)
         try:
             self._ledger.leave.remote(self.job).result(timeout_s=30)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
