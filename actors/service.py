@@ -8,11 +8,12 @@ One application, `framefarm`, outlives every job and is shared by every driver:
   - `FarmLedger`: one CPU-less replica that knows which jobs are running now and tells each
     its fair share of the replicas (`fair_share`), so a long job cannot starve a later short one.
   - `FarmBoard`: a plain Ray actor the ledger starts (and takes down with it; drivers get its
-    handle with their share and pass it with each shard), where replicas running a shard post their decode-step counts for the drivers' stall watch. Not a Serve
-    deployment, on purpose: a Serve call's answer is streamed back, and the callee's event
-    loop waits until the caller has taken every piece of it (Ray's
-    `WaitAllObjectsReported`), so one caller SIGSTOPped mid-call froze the whole ledger for
-    every job until that caller died. A plain actor call's reply blocks nothing.
+    handle with their share and pass it with each shard), where replicas running a shard
+    post their decode-step counts for the drivers' stall watch. Not a Serve deployment, on
+    purpose: a Serve call's answer is streamed back, and the callee's event loop waits until
+    the caller has taken every piece of it (Ray's `WaitAllObjectsReported`), so one caller
+    SIGSTOPped mid-call froze the whole ledger for every job until that caller died. A plain
+    actor call's single reply is not streamed: the board does not wait for its caller.
 
 Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s, the policy is the
 plain function `fair_share`.
