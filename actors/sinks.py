@@ -21,7 +21,7 @@ import queue
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol
 
@@ -56,6 +56,9 @@ class SinkResult:
     flush_seconds: float  # final encoder flush + container close
     encode_seconds: float  # everything inside write() and close()
     codec: str = ""  # the encoder that actually ran ("libx264", "h264_nvenc", "ffv1", "png")
+    # A parted segment's tail, seconds after its last frame arrived: each part's encoder
+    # closed ("part N"), each part joined ("joined N"), the segment closed ("closed").
+    tail: dict = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -451,6 +454,7 @@ class _PartedMp4Sink:
         self._parts: list[_Part] = []
         self._state = "open"
         self._seconds = 0.0
+        self._marks: dict[str, float] = {}  # perf_counter() of the tail's events (SinkResult.tail)
         # One part writes the segment itself; several are joined into it.
         self._concat = StreamingConcat("mp4", self.path, fps) if len(sizes) > 1 else None
         # The first part's encoder opens now, so that one that cannot run fails in open_sink.
@@ -502,6 +506,8 @@ class _PartedMp4Sink:
                 part.put(frames[:n].copy())  # the caller's buffer goes back to its ring
                 frames = frames[n:]
                 self.frames += n
+            if self.frames == self.total:
+                self._marks["last frame"] = time.perf_counter()
         finally:
             self._seconds += time.perf_counter() - start
 
@@ -552,6 +558,7 @@ class _PartedMp4Sink:
                     return
                 data, part.sink.data = part.sink.data, None  # the packets are in the segment now
                 self._concat.append(part.sink.path, size, data=data)
+                self._marks[f"joined {index}"] = time.perf_counter()
                 if self._low_latency_tail and index < len(self.sizes) - 1:
                     self._concat.sync()  # while the next part encodes, not after the last frame
         except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
@@ -581,7 +588,13 @@ class _PartedMp4Sink:
         finally:
             self._seconds += time.perf_counter() - start
         self._state = "closed"
-        return SinkResult(self.path, self.total, size, time.perf_counter() - start, self._seconds, self.codec)
+        self._marks["closed"] = time.perf_counter()
+        for part in self._parts:
+            if part.closed_at is not None:
+                self._marks[f"part {part.index}"] = part.closed_at
+        last = self._marks.get("last frame", start)
+        tail = {k: round(t - last, 4) for k, t in sorted(self._marks.items(), key=lambda kv: kv[1]) if k != "last frame"}
+        return SinkResult(self.path, self.total, size, time.perf_counter() - start, self._seconds, self.codec, tail)
 
     def abort(self) -> None:
         if self._state in ("closed", "aborted"):
@@ -604,8 +617,9 @@ class _Part:
     """One part of a `_PartedMp4Sink`: its encoder, fed from a queue by its own thread."""
 
     def __init__(self, owner: _PartedMp4Sink, index: int, sink: _Mp4Sink, size: int):
-        self.owner, self.sink, self.size = owner, sink, size
+        self.owner, self.sink, self.size, self.index = owner, sink, size, index
         self.result: SinkResult | None = None
+        self.closed_at: float | None = None  # perf_counter() once its encoder closed
         self.received = 0
         self.queue: queue.Queue = queue.Queue()
         self.finished = threading.Event()  # encoded and closed, or given up
@@ -631,6 +645,7 @@ class _Part:
                 encoded += len(frames)
                 self.owner._done_with(len(frames))
             self.result = self.sink.close()
+            self.closed_at = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - carried to the owner's next call
             self.sink.abort()
             self.owner._failed(exc)

@@ -310,6 +310,9 @@ def test_a_parted_segment_holds_every_frame_once_and_joins_like_any_other(tmp_pa
         chunk[:] = 0  # the caller's buffer is reused at once: the sink kept its own copy
     result = sink.close()
     assert result.frames == 61 and result.codec == "libx264" and result.bytes == os.path.getsize(path)
+    # The tail after the last frame: the parts not yet closed then, each joined, the segment closed last.
+    assert {"joined 2", "part 2", "closed"} <= set(result.tail) and list(result.tail)[-1] == "closed"
+    assert 0 <= result.tail["part 2"] <= result.tail["joined 2"] <= result.tail["closed"]
     assert visible(tmp_path) == ["parted.mp4"]  # no part left behind
     assert [read_index(f) for f in read_frames(path, "mp4")] == list(range(61))
     assert inspect_segment(path, "mp4", 16, expected=61).frames == 61
