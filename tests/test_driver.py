@@ -11,7 +11,6 @@ in-process worker at a gate before the first decode step of the shard it was tol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from actors.sinks import read_frames
 from actors.worker import ShardWorker
 from cluster.dispatch import InProcessPool, JobCancelled, RayPool
 from cluster.driver import RenderJob
+from infra.checksum import sha256_file
 from infra.staged import TMP_SUFFIX
 from tests.conftest import block_segments, clear_segments_on_retry
 
@@ -282,7 +282,7 @@ def test_an_idle_worker_backs_up_a_stopped_shard_and_the_first_copy_to_commit_wi
         time.sleep(0.05)
     assert segment.read_bytes() == committed
     record = SegmentRecord.from_json((tmp_path / (str(segment.relative_to(tmp_path)) + ".json")).read_bytes())
-    assert record.sha256 == hashlib.sha256(committed).hexdigest()
+    assert record.sha256 == sha256_file(str(segment))
     assert not [n for _, _, files in os.walk(tmp_path) for n in files if n.endswith(TMP_SUFFIX)]
 
 
