@@ -17,7 +17,6 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +47,7 @@ from cluster.plan import ShardPlan, plan_shards
 from cluster.publish import (OutputConflict, check_replaceable, current_record, is_whole, make_record, publish,
                              render_prefix, sweep)
 from cluster.report import busy_label, chrome_trace, manifest_parquet, manifest_rows, stage_label, summarize
+from infra.checksum import BLOCK_BYTES, block_digest
 from infra.lease import DEFAULT_TTL_S, Lease, LeaseHeld, LeaseLost, Renewer
 from infra.storage import LocationError, check_access, open_store
 
@@ -86,24 +85,14 @@ class OutputBusy(InputError):
     """Another job (or this same job, started twice) is rendering into OUTPUT."""
 
 
-_DIGEST_CHUNK = 16 << 20
-
-
 def latents_digest(latents: torch.Tensor) -> str:
-    """sha256 over shape, dtype and the sha256 of each 16 MiB of the data.
-
-    Chunk digests are computed in threads (hashlib releases the GIL) and read the tensor's
-    memory in place: a long video's latents are hundreds of MB, and this runs before any
-    shard starts.
-    """
+    """sha256 over shape, dtype and the sha256 of each 16 MiB of the data (infra.checksum's
+    block digest), reading the tensor's memory in place: a long video's latents are hundreds
+    of MB, and this runs before any shard starts."""
     t = latents.detach().to("cpu").contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy()
-    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    offsets = range(0, data.size, _DIGEST_CHUNK)
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1, len(offsets)))) as pool:
-        for digest in pool.map(lambda o: hashlib.sha256(data[o:o + _DIGEST_CHUNK]).digest(), offsets):
-            h.update(digest)
-    return h.hexdigest()
+    return block_digest(str((tuple(t.shape), str(t.dtype))).encode(), data.size,
+                        lambda offset: data[offset:offset + BLOCK_BYTES])
 
 
 @dataclass(frozen=True)
