@@ -107,14 +107,17 @@ def lose(pool, worker) -> None:
 
 class Stopper:
     """Stops the worker of the first copy of shard `index` in its shard, without ending it;
-    `on_event` is (part of) the job's event hook. `worker` is the stopped one."""
+    `on_event` is the job's event hook, keeping every (kind, info) in `events`. `worker` is
+    the stopped one."""
 
     def __init__(self, pool, index: int):
         self.pool, self.index, self.worker = pool, index, None
+        self.events: list[tuple[str, dict]] = []
         if not isinstance(pool, RayPool):
             pool.holds.add(index)
 
     def on_event(self, kind, info) -> None:
+        self.events.append((kind, info))
         if kind != "dispatch" or info["shard"].index != self.index or self.worker is not None:
             return
         self.worker = info["worker"]
@@ -228,16 +231,11 @@ def test_cancel_ends_the_job_and_leaves_no_video_and_the_pool_goes_on(pool, tmp_
 
 
 def test_a_stopped_worker_s_shard_is_abandoned_after_the_stall_time_and_rerun(pool, tmp_path):
-    stopper, events = Stopper(pool, 1), []
-
-    def on_event(kind, info):
-        events.append((kind, info))
-        stopper.on_event(kind, info)
-
+    stopper = Stopper(pool, 1)
     # No backup copies: the stall watch alone must end the stopped copy.
     result = RenderJob(_spec(tmp_path, shard_latents=3, stall_s=4, backups=False), pattern_latents(9, 96, 128),
-                       pool=pool, progress=False, on_event=on_event).run()
-    stalls = [info for kind, info in events if kind == "stall"]
+                       pool=pool, progress=False, on_event=stopper.on_event).run()
+    stalls = [info for kind, info in stopper.events if kind == "stall"]
     # Under load a healthy worker may miss a step for the stall time too; the stopped one must.
     assert stopper.worker is not None and any(s["worker"] == stopper.worker and s["shard"].index == 1 for s in stalls)
     assert result.summary["stalled_shards"] == len(stalls) and result.summary["backup_shards"] == 0
@@ -249,16 +247,11 @@ def test_a_stopped_worker_s_shard_is_abandoned_after_the_stall_time_and_rerun(po
 
 
 def test_an_idle_worker_backs_up_a_stopped_shard_and_the_first_copy_to_commit_wins(pool, tmp_path):
-    stopper, events = Stopper(pool, 0), []
-
-    def on_event(kind, info):
-        events.append((kind, info))
-        stopper.on_event(kind, info)
-
+    stopper = Stopper(pool, 0)
     # The stall time is far away: the backup copy, not the stall watch, finishes the job.
     result = RenderJob(_spec(tmp_path, shard_latents=3, stall_s=120, keep_segments=True), pattern_latents(12, 96, 128),
-                       pool=pool, progress=False, on_event=on_event).run()
-    backups = [info for kind, info in events if kind == "backup"]
+                       pool=pool, progress=False, on_event=stopper.on_event).run()
+    backups = [info for kind, info in stopper.events if kind == "backup"]
     assert [b["shard"].index for b in backups] == [0] and backups[0]["worker"] != stopper.worker
     assert result.summary["backup_shards"] == 1 and result.summary["backup_wins"] == 1
     assert result.summary["stalled_shards"] == 0
