@@ -5,15 +5,21 @@ One application, `framefarm`, outlives every job and is shared by every driver:
     `ShardWorker`, at most one shard in flight (max_ongoing_requests=1), autoscaled by Serve
     between a minimum (0 by default) and the farm's capacity, restarted by Serve if it dies.
     Decoders are cached per `DecoderSpec` inside the worker, so a model loads once per replica.
-  - `FarmLedger`: one CPU-less replica that knows which jobs are running now and tells each
-    its fair share of the replicas (`fair_share`), so a long job cannot starve a later short one.
-  - `FarmBoard`: a plain Ray actor the ledger starts (and takes down with it; drivers get its
-    handle with their share and pass it with each shard), where replicas running a shard
-    post their decode-step counts for the drivers' stall watch. Not a Serve deployment, on
-    purpose: a Serve call's answer is streamed back, and the callee's event loop waits until
-    the caller has taken every piece of it (Ray's `WaitAllObjectsReported`), so one caller
-    SIGSTOPped mid-call froze the whole ledger for every job until that caller died. A plain
-    actor call's single reply is not streamed: the board does not wait for its caller.
+  - `FarmLedger`: a plain Ray actor, named (`LEDGER` in `NAMESPACE`), that knows which jobs
+    are running now and tells each its fair share of the replicas (`fair_share`), so a long
+    job cannot starve a later short one; replicas running a shard post their decode-step
+    counts to it for the drivers' stall watch.
+  - `FarmIngress`: the application's ingress, a CPU-less Serve replica that binds the workers
+    into the application and owns the ledger, so that both start and end with it.
+
+Why the ledger is a plain actor and not a Serve deployment:
+  - A Serve call's answer is streamed back, and the callee's event loop waits until the
+    caller has taken every piece of it (Ray's `WaitAllObjectsReported`). So one caller
+    SIGSTOPped mid-call froze a Serve ledger for every job until that caller died. A plain
+    actor's single reply is not streamed: the ledger does not wait for its caller.
+  - A driver finds a named actor with one lookup in the GCS. Finding a Serve application
+    asks Serve's controller, and a handle's first call waits for the controller's list of
+    replicas: 2-4 s of a warm job's start on a loaded 2-core host (docs/benchmarks.md).
 
 Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s, the policy is the
 plain function `fair_share`.
@@ -43,10 +49,12 @@ from actors.ray_actors import ray_shard_worker  # noqa: E402
 _IMPORTS_ENDED = time.time()
 
 APP = "framefarm"
-BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the board
+BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the ledger
 BEAT_S = 1.0  # how often a replica running a shard tells the ledger its decode-step count
 WORKER = "FarmWorker"
-LEDGER = "FarmLedger"
+INGRESS = "FarmIngress"
+LEDGER = "framefarm-ledger"  # the ledger actor's name, in NAMESPACE
+NAMESPACE = "framefarm"  # drivers of `ray job submit` each run in a namespace of their own
 
 
 def fair_share(capacity: int, running_jobs: int) -> int:
@@ -96,11 +104,11 @@ class FarmWorker:
     def describe(self) -> WorkerInfo:
         return self.worker.info
 
-    def _beat(self, job: str, call: str, board, done: threading.Event) -> None:
+    def _beat(self, job: str, call: str, ledger, done: threading.Event) -> None:
         me = ray.get_runtime_context().current_actor  # so that the driver can end a stuck replica
         while True:
             try:
-                ray.get(board.beat.remote(job, call, self.worker.progress(), self.worker.info, me), timeout=30)
+                ray.get(ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me), timeout=30)
             except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
                 pass
             if done.wait(BEAT_S):
@@ -113,9 +121,9 @@ class FarmWorker:
 
     def render_shard(self, task: ShardTask, latents: LatentSlice | torch.Tensor,
                      call: tuple | None = None) -> SegmentRecord:
-        """`call`: (the job's key in the ledger, the driver's name for this call, the farm's
-        board); while it runs, the worker's decode-step count goes to the board under it every
-        BEAT_S (a replica answers no other call mid-shard): the driver's stall watch reads it there."""
+        """`call`: (the job's key in the ledger, the driver's name for this call, the ledger);
+        while it runs, the worker's decode-step count goes to the ledger under it every BEAT_S
+        (a replica answers no other call mid-shard): the driver's stall watch reads it there."""
         t = time.perf_counter()
         done = threading.Event()
         if call is not None:
@@ -133,67 +141,62 @@ class FarmWorker:
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
-class FarmBoard:
-    """Decode-step counts of the calls running on the farm, by job: replicas post, drivers read.
-
-    Calls not heard from for BEAT_FORGET_S are dropped, so that a shard that runs on after its
-    job left (an abandoned call runs to its end) leaves nothing behind for long."""
-
-    def __init__(self):
-        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor, heard at)}
-
-    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
-        self.calls.setdefault(job, {})[call] = (steps, info, replica, time.monotonic())
-
-    def progress(self, job: str) -> dict:
-        """{call: (steps, WorkerInfo, replica actor)} of the job's calls heard from lately."""
-        now = time.monotonic()
-        for key in list(self.calls):
-            self.calls[key] = {c: v for c, v in self.calls[key].items() if now - v[3] < BEAT_FORGET_S}
-            if not self.calls[key]:
-                del self.calls[key]
-        return {c: v[:3] for c, v in self.calls.get(job, {}).items()}
-
-    def leave(self, job: str) -> None:
-        self.calls.pop(job, None)
-
-
 class FarmLedger:
-    """Which jobs run now, so that each takes only its fair share of the replicas.
+    """Which jobs run now, so that each takes only its fair share of the replicas, and the
+    decode-step counts of their calls running on the farm: replicas post, drivers read.
 
     A job renews its lease whenever it asks for its share; a driver that died without
-    leaving stops counting after `lease_s`. Only drivers call it (replicas post to the board,
-    which the ledger starts and which ends with it).
+    leaving stops counting after `lease_s`. Calls not heard from for BEAT_FORGET_S are
+    dropped, so that a shard that runs on after its job left (an abandoned call runs to its
+    end) leaves nothing behind for long.
     """
 
-    def __init__(self, capacity: int, use_gpu: bool, workers=None, lease_s: float = 30.0):
+    def __init__(self, capacity: int, use_gpu: bool, lease_s: float = 30.0):
         self.capacity = capacity
         self.use_gpu = use_gpu
-        self.workers = workers  # the FarmWorker deployment's handle: keeps it in this application
         self.lease_s = lease_s
         self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
-        self.board = FarmBoard.remote()  # owned by this replica: it ends with it
+        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor, heard at)}
         self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
 
     def share(self, job: str) -> dict:
+        """The job's share of the replicas (its lease renewed) and its calls' progress:
+        {call: (steps, WorkerInfo, replica actor)} of those heard from lately."""
         now = time.monotonic()
         self.jobs[job] = now
         for key, seen in list(self.jobs.items()):
             if now - seen > self.lease_s:
                 del self.jobs[key]
-                self.board.leave.remote(key)
+                self.calls.pop(key, None)
+        for key in list(self.calls):
+            self.calls[key] = {c: v for c, v in self.calls[key].items() if now - v[3] < BEAT_FORGET_S}
+            if not self.calls[key]:
+                del self.calls[key]
         self.running.set(len(self.jobs))
         return {"share": fair_share(self.capacity, len(self.jobs)), "jobs": len(self.jobs),
-                "capacity": self.capacity, "use_gpu": self.use_gpu, "board": self.board}
+                "capacity": self.capacity, "use_gpu": self.use_gpu,
+                "progress": {c: v[:3] for c, v in self.calls.get(job, {}).items()}}
+
+    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
+        self.calls.setdefault(job, {})[call] = (steps, info, replica, time.monotonic())
 
     def leave(self, job: str) -> None:
-        self.board.leave.remote(job)
         self.jobs.pop(job, None)
+        self.calls.pop(job, None)
         self.running.set(len(self.jobs))
 
     def jobs_running(self) -> dict:
         return {"jobs": sorted(self.jobs), "capacity": self.capacity, "use_gpu": self.use_gpu}
 
+
+class FarmIngress:
+    """The application's ingress: it binds the workers into the application (deployed, and
+    shut down, together) and owns the ledger, which ends with it. Drivers never call it."""
+
+    def __init__(self, capacity: int, use_gpu: bool, workers=None, lease_s: float = 30.0):
+        self.workers = workers
+        self.ledger = FarmLedger.options(name=LEDGER, namespace=NAMESPACE).remote(capacity, use_gpu, lease_s)
+        ray.get(self.ledger.jobs_running.remote())  # up (and named) before Serve calls the application running
 
 def farm_application(config: FarmConfig) -> serve.Application:
     """The Serve application `python -m jobs.farm up` deploys: replicas and their ledger."""
@@ -211,9 +214,6 @@ def farm_application(config: FarmConfig) -> serve.Application:
         # A shard runs for many seconds on a thread of the replica; health checks run apart.
         health_check_period_s=5, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=600)
-    # No access log: every job asks the ledger for its share each second.
-    ledger = serve.deployment(FarmLedger, name=LEDGER, num_replicas=1, ray_actor_options={"num_cpus": 0},
-                              logging_config={"enable_access_log": False})
-    # The ledger is the application's ingress; binding the workers into it makes them part
-    # of the one application (deployed, and shut down, together).
-    return ledger.bind(config.capacity, config.use_gpu, workers=worker.bind("cuda" if config.use_gpu else "cpu", config.scratch_dir))
+    ingress = serve.deployment(FarmIngress, name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(config.capacity, config.use_gpu,
+                        workers=worker.bind("cuda" if config.use_gpu else "cpu", config.scratch_dir))

@@ -17,29 +17,32 @@ import uuid
 import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import RayServeException
 
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo
-from actors.service import APP, WORKER, FarmConfig, farm_application
+from actors.service import APP, LEDGER, NAMESPACE, WORKER, FarmConfig, farm_application
 from cluster.dispatch import (JobStitcher, RayStitcher, ShardFailed, WorkerLost, WorkerPool, resolve_workers,
                               unwrap)
 
 log = logging.getLogger("framefarm")
 
 _SHARE_REFRESH_S = 1.0
-_ASK_TIMEOUT_S = 10.0  # one question to the ledger or the board; asked again a second later
+_ASK_TIMEOUT_S = 10.0  # one question to the ledger; asked again a second later
+
+
+def find_ledger():
+    """The farm's ledger actor on the connected cluster, or None when no farm runs.
+
+    One lookup in the GCS. Serve's own ways (`serve.get_app_handle`, `serve.status()`) ask
+    Serve's controller, which took 1.2-2.6 s of a warm job's start on a loaded 2-core host."""
+    try:
+        return ray.get_actor(LEDGER, namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 def farm_running() -> bool:
-    """Whether the farm's application is deployed on the connected cluster.
-
-    One call to Serve's controller: `serve.status()` would also build Serve's whole status
-    model, which took 1-2 s of a warm job's start on a loaded 2-core machine."""
-    try:
-        serve.get_app_handle(APP)
-    except RayServeException:
-        return False
-    return True
+    """Whether the farm runs on the connected cluster: its ledger lives as long as it does."""
+    return find_ledger() is not None
 
 
 def deploy(config: FarmConfig) -> None:
@@ -52,11 +55,19 @@ def deploy(config: FarmConfig) -> None:
              config.min_replicas, config.capacity, "GPU" if config.use_gpu else "CPU", config.idle_s)
 
 
-def undeploy() -> bool:
-    """Stop the farm (its replicas and ledger); other Serve applications stay. False if none ran."""
+def undeploy(timeout_s: float = 60.0) -> bool:
+    """Stop the farm (its replicas and ledger); other Serve applications stay. False if none ran.
+
+    Returns once the ledger is gone too (it ends with the application's ingress, a moment
+    after Serve reports the application deleted), so that a job started next finds no farm."""
     if APP not in serve.status().applications:
         return False
     serve.delete(APP)
+    deadline = time.monotonic() + timeout_s
+    while farm_running():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the farm's ledger outlived its application by {timeout_s:.0f} s")
+        time.sleep(0.1)  # the GCS marks the ledger dead once its owner has ended
     return True
 
 
@@ -68,8 +79,9 @@ def farm_status() -> dict:
     out = {"running": True, "status": str(app.status), "message": app.message,
            "deployments": {name: {"status": str(d.status), "replicas": dict(d.replica_states)}
                            for name, d in app.deployments.items()}}
-    if app.status == "RUNNING":
-        out.update(serve.get_app_handle(APP).jobs_running.remote().result(timeout_s=30))
+    ledger = find_ledger()
+    if app.status == "RUNNING" and ledger is not None:
+        out.update(ray.get(ledger.jobs_running.remote(), timeout=30))
     return out
 
 
@@ -99,10 +111,10 @@ class ServicePool(WorkerPool):
 
     The stall watch: a replica takes one call at a time, so none answers a progress call
     mid-shard; instead a replica running a shard sends its decode-step count to the farm's
-    board (`actors.service.FarmBoard`, a plain actor: see there why not the ledger) under the
-    call's name every second, and `steps` reads the board's answers. The ledger and the board
-    are asked together at most once a second, in a thread of their own: the dispatch loop
-    never waits on them. A stalled call's replica is killed by `replace`; Serve starts another.
+    ledger (`actors.service.FarmLedger`, a plain actor: see there why) under the call's name
+    every second, and `steps` reads the ledger's answers. The ledger is asked at most once a
+    second, in a thread of its own: the dispatch loop never waits on it. A stalled call's
+    replica is killed by `replace`; Serve starts another.
     """
 
     farm = True
@@ -110,11 +122,15 @@ class ServicePool(WorkerPool):
 
     def __init__(self, job: str | None = None):
         self.job = job or uuid.uuid4().hex
-        self._ledger = serve.get_app_handle(APP)
-        self._workers = serve.get_deployment_handle(WORKER, app_name=APP)
-        answer = self._ledger.share.remote(self.job).result(timeout_s=60)
+        self._ledger = find_ledger()
+        if self._ledger is None:
+            raise RuntimeError("no farm runs on this cluster (`python -m jobs.farm up` starts one)")
+        # Not checked with Serve's controller (a round trip to it, slow on a loaded head): the
+        # ledger lives only while the application does.
+        self._workers = serve.get_deployment_handle(WORKER, app_name=APP, _check_exists=False)
+        answer = ray.get(self._ledger.share.remote(self.job), timeout=60)
         self.size = answer["capacity"]
-        self._share, self._board = answer["share"], answer["board"]
+        self._share = answer["share"]
         self.use_gpu = answer["use_gpu"]
         self._slots = [_Slot(i) for i in range(self.size)]
         self._couriers = concurrent.futures.ThreadPoolExecutor(self.size + 2, thread_name_prefix="framefarm-farm")
@@ -122,7 +138,7 @@ class ServicePool(WorkerPool):
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
         self._running: dict = {}  # slot -> name of the call it runs now
-        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the board's last answer
+        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the ledger's last answer
         self._asking: concurrent.futures.Future | None = None  # a share-and-progress question in flight
         self._asked = time.monotonic()
         # Its own thread: couriers may all be waiting on shards (withdrawn copies included).
@@ -130,28 +146,27 @@ class ServicePool(WorkerPool):
         self._question = None  # the ledger call the asker waits on, cancelled by shutdown
         self._closed = False
 
-    def _turn(self) -> tuple[dict, dict]:
-        """The ledger's answer (share, board) and the board's (progress), asked once a second."""
-        self._question = self._ledger.share.remote(self.job)
-        answer = self._question.result(timeout_s=_ASK_TIMEOUT_S)
+    def _turn(self) -> dict:
+        """The ledger's answer (share and progress), asked once a second."""
         if self._closed:  # no Ray call after the pool's shutdown: the process may be leaving Ray
             raise concurrent.futures.CancelledError()
-        return answer, ray.get(answer["board"].progress.remote(self.job), timeout=_ASK_TIMEOUT_S)
+        self._question = self._ledger.share.remote(self.job)
+        return ray.get(self._question, timeout=_ASK_TIMEOUT_S)
 
     def _poll(self) -> None:
         """Take the last answer if it came, ask again once a second. Never waits: the dispatch
-        loop runs the stall watch, which must not hang on the ledger (or the board) it reads;
+        loop runs the stall watch, which must not hang on the ledger it reads;
         no answer keeps the last share and reads as no news of progress."""
         if self._asking is not None and self._asking.done():
             try:
-                answer, self._heard = self._asking.result()
+                answer = self._asking.result()
             except Exception as exc:  # noqa: BLE001 - asked again in a second
-                log.warning("farm: no answer from the farm's ledger or board (%s); keeping this job's share", exc)
+                log.warning("farm: no answer from the farm's ledger (%s); keeping this job's share", exc)
             else:
                 if answer["share"] != self._share:
                     log.info("farm: %d jobs running, this one's share is %d of %d replicas",
                              answer["jobs"], answer["share"], answer["capacity"])
-                self._share, self._board = answer["share"], answer["board"]
+                self._share, self._heard = answer["share"], answer["progress"]
             self._asking = None
         if self._asking is None and time.monotonic() - self._asked >= _SHARE_REFRESH_S:
             self._asked = time.monotonic()
@@ -208,7 +223,7 @@ class ServicePool(WorkerPool):
 
     def submit(self, slot, task: ShardTask, latents) -> concurrent.futures.Future:
         self._running[slot] = call = uuid.uuid4().hex
-        return self._call("render_shard", task, latents, (self.job, call, self._board))
+        return self._call("render_shard", task, latents, (self.job, call, self._ledger))
 
     def wait_any(self, handles, timeout_s: float) -> list:
         done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
@@ -277,10 +292,13 @@ class ServicePool(WorkerPool):
         # loaded host), and a Ray call after ray.shutdown would start a new Ray.
         self._closed = True
         if self._question is not None:
-            self._question.cancel()
+            try:
+                ray.cancel(self._question)
+            except Exception as exc:  # noqa: BLE001 - answered already, or the ledger is gone
+                log.debug("farm: the last question to the ledger could not be cancelled (%s)", exc)
         self._asker.shutdown(wait=True, cancel_futures=True)
         try:
-            self._ledger.leave.remote(self.job).result(timeout_s=30)
+            ray.get(self._ledger.leave.remote(self.job), timeout=30)
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             log.warning("farm: could not leave the ledger (%s); this job's share lapses in 30 s", exc)
 

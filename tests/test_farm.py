@@ -230,7 +230,7 @@ def test_replica_killed_mid_shard_costs_a_retry_not_the_job(warm_farm, tmp_path)
 
 
 def test_a_stopped_replica_s_shard_is_abandoned_after_the_stall_time_and_rerun(warm_farm, tmp_path):
-    """The stall watch on the farm: a replica SIGSTOPped in its shard sends the board no more
+    """The stall watch on the farm: a replica SIGSTOPped in its shard sends the ledger no more
     step counts; after stall_s the driver abandons the call, kills the replica (Serve starts
     another) and runs the shard again. The SIGSTOP may land mid-beat: the job's share and
     progress must still come (the ledger once froze for every job then)."""
