@@ -78,7 +78,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 # The GPU tests only (tests/test_wan.py is CPU-only: CI runs it); compiling the tiny decoder's
 # regions for fp32, bf16 and the Wan 2.2 shapes takes most of this step.
-step pytest 300 python -m pytest -q --junitxml="$OUT/pytest.xml" tests/test_gpu.py tests/test_wan_weights.py
+step pytest 300 python -m pytest -o addopts=-ra -q --junitxml="$OUT/pytest.xml" tests/test_gpu.py tests/test_wan_weights.py
 step bench_decoder 140 python -m benchmarks.bench_decoder --sizes 1280x720 --frames 10 \
   --time-budget-s 120 --out "$OUT/bench_decoder.json"
 step bench_product 180 python -m benchmarks.bench_product --size 1280x720 --latent-frames 81 --dtype bf16 \
