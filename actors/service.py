@@ -51,6 +51,7 @@ _IMPORTS_ENDED = time.time()
 APP = "framefarm"
 BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the ledger
 BEAT_S = 1.0  # how often a replica running a shard tells the ledger its decode-step count
+WITHDRAWN_KEEP_S = 3600.0  # a withdrawn call still running after this long is left to end
 WORKER = "FarmWorker"
 INGRESS = "FarmIngress"
 LEDGER = "framefarm-ledger"  # the ledger actor's name, in NAMESPACE
@@ -104,13 +105,19 @@ class FarmWorker:
     def describe(self) -> WorkerInfo:
         return self.worker.info
 
-    def _beat(self, job: str, call: str, ledger, done: threading.Event) -> None:
+    def _beat(self, job: str, call: str, ledger, task: ShardTask, done: threading.Event) -> None:
+        """Tell the ledger this call's decode-step count every BEAT_S; its answer says whether
+        the driver has withdrawn the call (another copy of the shard committed first), and then
+        the worker stops the copy at its next step, as a job's own worker does."""
         me = ray.get_runtime_context().current_actor  # so that the driver can end a stuck replica
         while True:
             try:
-                ray.get(ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me), timeout=30)
+                wanted = ray.get(ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me),
+                                 timeout=30)
             except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
-                pass
+                wanted = True
+            if not wanted:
+                self.worker.withdraw(task.run_key, task.shard.index)
             if done.wait(BEAT_S):
                 return
 
@@ -123,11 +130,12 @@ class FarmWorker:
                      call: tuple | None = None) -> SegmentRecord:
         """`call`: (the job's key in the ledger, the driver's name for this call, the ledger);
         while it runs, the worker's decode-step count goes to the ledger under it every BEAT_S
-        (a replica answers no other call mid-shard): the driver's stall watch reads it there."""
+        (a replica answers no other call mid-shard): the driver's stall watch reads it there,
+        and a withdrawal comes back the same way."""
         t = time.perf_counter()
         done = threading.Event()
         if call is not None:
-            threading.Thread(target=self._beat, args=(*call, done), daemon=True,
+            threading.Thread(target=self._beat, args=(*call, task, done), daemon=True,
                              name="framefarm-beat").start()
         try:
             record = self._gpu.submit(self.worker.render_shard, task, latents).result()
@@ -157,6 +165,9 @@ class FarmLedger:
         self.lease_s = lease_s
         self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
         self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor, heard at)}
+        # Calls their drivers no longer want -> when withdrawn. By call, not by job: a withdrawn
+        # copy may still be running (its replica stopped, say) after its job has left.
+        self.withdrawn: dict[str, float] = {}
         self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
 
     def share(self, job: str) -> dict:
@@ -168,6 +179,7 @@ class FarmLedger:
             if now - seen > self.lease_s:
                 del self.jobs[key]
                 self.calls.pop(key, None)
+        self.withdrawn = {c: t for c, t in self.withdrawn.items() if now - t < WITHDRAWN_KEEP_S}
         for key in list(self.calls):
             self.calls[key] = {c: v for c, v in self.calls[key].items() if now - v[3] < BEAT_FORGET_S}
             if not self.calls[key]:
@@ -177,8 +189,15 @@ class FarmLedger:
                 "capacity": self.capacity, "use_gpu": self.use_gpu,
                 "progress": {c: v[:3] for c, v in self.calls.get(job, {}).items()}}
 
-    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> None:
+    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> bool:
+        """A running call's step count; False if its driver has withdrawn it (stop it)."""
         self.calls.setdefault(job, {})[call] = (steps, info, replica, time.monotonic())
+        return call not in self.withdrawn
+
+    def withdraw(self, job: str, call: str) -> None:
+        """The job's driver no longer wants this call (another copy of its shard committed):
+        the replica running it hears so at its next beat, even after the job has left."""
+        self.withdrawn[call] = time.monotonic()
 
     def leave(self, job: str) -> None:
         self.jobs.pop(job, None)

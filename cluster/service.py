@@ -135,6 +135,7 @@ class ServicePool(WorkerPool):
         self._slots = [_Slot(i) for i in range(self.size)]
         self._couriers = concurrent.futures.ThreadPoolExecutor(self.size + 2, thread_name_prefix="framefarm-farm")
         self._calls: dict = {}  # future -> Serve response, for cancel
+        self._names: dict = {}  # future of a shard's call -> the call's name in the ledger, for withdraw
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
         self._running: dict = {}  # slot -> name of the call it runs now
@@ -223,7 +224,10 @@ class ServicePool(WorkerPool):
 
     def submit(self, slot, task: ShardTask, latents) -> concurrent.futures.Future:
         self._running[slot] = call = uuid.uuid4().hex
-        return self._call("render_shard", task, latents, (self.job, call, self._ledger))
+        future = self._call("render_shard", task, latents, (self.job, call, self._ledger))
+        self._names[future] = call
+        future.add_done_callback(lambda f: self._names.pop(f, None))
+        return future
 
     def wait_any(self, handles, timeout_s: float) -> list:
         done, _ = concurrent.futures.wait(handles, timeout=timeout_s,
@@ -257,10 +261,14 @@ class ServicePool(WorkerPool):
         self.release(slot)
 
     def withdraw(self, handle, slot, run_key: str, shard_index: int) -> None:
-        """A replica runs one call at a time and cannot be told to stop mid-shard: the copy
-        runs to its end there and commits nothing (another copy claimed the segment). The
-        call is left to finish, so that Serve counts the replica busy until it is; the slot
-        is the job's until then."""
+        """A replica answers no call mid-shard, so the withdrawal goes through the ledger: the
+        replica hears it at its next beat (within BEAT_S) and stops the copy at its next decode
+        step; it commits nothing either way (another copy claimed the segment). The call is
+        left to end, so that Serve counts the replica busy until it has; the slot is the job's
+        until then."""
+        call = self._names.get(handle)
+        if call is not None:
+            self._ledger.withdraw.remote(self.job, call)
         handle.add_done_callback(lambda _: self.release(slot))
 
     def replace(self, slot) -> None:

@@ -276,6 +276,65 @@ def test_a_stopped_replica_s_shard_is_abandoned_after_the_stall_time_and_rerun(w
     assert exact(out, 1000, "ffv1")
 
 
+def test_a_withdrawn_backup_loser_on_a_replica_stops_instead_of_running_to_its_end(warm_farm, tmp_path):
+    """A replica answers no call mid-shard, so a withdrawal reaches it through the ledger, at
+    its next beat. Shard 0's replica is SIGSTOPped; the other replica backs the shard up and
+    commits it, and the driver withdraws the stopped copy. Let go after the job, that copy must
+    stop as withdrawn (ShardWithdrawn), not run on to find its segment taken (SegmentTaken)."""
+    from actors.protocol import RenderSpec, ShardWithdrawn
+    from cluster.dispatch import unwrap
+    from cluster.driver import RenderJob
+    from cluster.service import ServicePool
+
+    class Kept(ServicePool):
+        """The farm's pool, keeping the handles of the copies the driver withdraws."""
+
+        def __init__(self):
+            super().__init__()
+            self.withdrawn = []
+
+        def withdraw(self, handle, slot, run_key, shard_index):
+            self.withdrawn.append(handle)
+            super().withdraw(handle, slot, run_key, shard_index)
+
+    out = str(tmp_path / "backed-up")
+    # Two shards of about 4 s each on an idle 2-core host; the stall watch is far away.
+    spec = RenderSpec(output=out, decoder={"name": "test-pattern"}, shard_latents=500, device="cuda", format="ffv1",
+                      stall_s=600)
+    stopped, pool = [], Kept()
+
+    def stop_once_seen(slot):
+        deadline = time.monotonic() + 120
+        while (info := pool.describe(slot)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the pool's view of the ledger, with a deadline
+        if info is not None:
+            os.kill(info.pid, signal.SIGSTOP)
+            stopped.append(info.pid)
+
+    def on_event(kind, info):
+        if kind == "dispatch" and info["shard"].index == 0 and not info["backup"] and not stopped:
+            threading.Thread(target=stop_once_seen, args=(info["worker"],), daemon=True).start()
+
+    try:
+        result = RenderJob(spec, pattern_latents(1000, height=240, width=320), pool=pool, progress=False,
+                           on_event=on_event).run()
+        assert stopped, "the replica of shard 0 was never seen"
+        assert result.summary["backup_wins"] == 1 and exact(out, 1000, "ffv1")
+        assert len(pool.withdrawn) == 1
+        os.kill(stopped.pop(), signal.SIGCONT)
+        loser = pool.withdrawn[0]
+        assert loser.exception(timeout=120) is not None
+        assert isinstance(unwrap(loser.exception()), ShardWithdrawn), repr(loser.exception())
+    finally:
+        for pid in stopped:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        pool.shutdown()
+
+
 def test_jobs_from_threads_at_once_a_lost_replica_and_a_cancelled_job(warm_farm, tmp_path):
     """Issue 12's shared-pool cases on the warm farm (ServicePool): jobs from several threads at
     once all finish exact; a replica SIGKILLed under them is replaced once (Serve keeps the
