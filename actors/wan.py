@@ -502,7 +502,12 @@ class WanDecoder:
             st.static_in = z.clone()
             graph = torch.cuda.CUDAGraph()
             # Capture records without running: the replay below is this call's one step.
-            with torch.cuda.graph(graph):
+            # Thread-local: a stream's capture comes at its third steady step, mid-shard, while
+            # the pipeline's host thread waits on copy events (and NVENC, where present, runs
+            # CUDA calls of its own); in the default global mode any such call from another
+            # thread fails the capture ("operation not permitted when stream is capturing",
+            # tests/test_gpu.py on an H200, docs/benchmarks.md).
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 st.static_out = _Step(self, st, False, len(self.topology.convs), self._fns, None).run(st.static_in)
             st.graph = graph
         else:
