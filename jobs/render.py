@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             started = connect(run.address)
             job.record_phase("join Ray", t)
             t = time.time()
-            job.use_farm = use_farm(run.farm, spec.device, spec.workers, embedded=started)
+            # Joined, not embedded, under `ray job submit` too (connect() says only that it called ray.init).
+            job.use_farm = use_farm(run.farm, spec.device, spec.workers, embedded=started and not joining)
             job.record_phase("look for the farm" + (" (start it)" if run.farm == "on" else ""), t)
             if prepared is not None:
                 prepared.result()  # bad input fails here, before any work is sent
