@@ -1,28 +1,16 @@
 """The warm farm's node side: a Ray Serve application of decode replicas and a share ledger.
 
 One application, `framefarm`, outlives every job and is shared by every driver:
-  - `FarmWorker`: one replica per GPU (or per CPU slot on a GPU-less cluster), running a
-    `ShardWorker`, at most one shard in flight (max_ongoing_requests=1), autoscaled by Serve
-    between a minimum (0 by default) and the farm's capacity, restarted by Serve if it dies.
-    Decoders are cached per `DecoderSpec` inside the worker, so a model loads once per replica.
-  - `FarmLedger`: a plain Ray actor, named (`LEDGER` in `NAMESPACE`), that knows which jobs
-    are running now and tells each its fair share of the replicas (`fair_share`), so a long
-    job cannot starve a later short one; replicas running a shard post their decode-step
-    counts to it for the drivers' stall watch.
-  - `FarmIngress`: the application's ingress, a CPU-less Serve replica that binds the workers
-    into the application and owns the ledger, so that both start and end with it.
+  - `FarmWorker` (here): one replica per GPU (or per CPU slot on a GPU-less cluster),
+    running a `ShardWorker`, at most one shard in flight (max_ongoing_requests=1),
+    autoscaled by Serve between a minimum (0 by default) and the farm's capacity, restarted
+    by Serve if it dies. Decoders are cached per `DecoderSpec` inside the worker, so a model
+    loads once per replica.
+  - `FarmIngress` and `FarmLedger` (actors/ledger.py, which imports no torch): the
+    application's ingress, and the plain named actor it owns that tells each job its fair
+    share of the replicas and keeps the step counts replicas post while running a shard.
 
-Why the ledger is a plain actor and not a Serve deployment:
-  - A Serve call's answer is streamed back, and the callee's event loop waits until the
-    caller has taken every piece of it (Ray's `WaitAllObjectsReported`). So one caller
-    SIGSTOPped mid-call froze a Serve ledger for every job until that caller died. A plain
-    actor's single reply is not streamed: the ledger does not wait for its caller.
-  - A driver finds a named actor with one lookup in the GCS. Finding a Serve application
-    asks Serve's controller, and a handle's first call waits for the controller's list of
-    replicas: 2-4 s of a warm job's start on a loaded 2-core host (docs/benchmarks.md).
-
-Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s, the policy is the
-plain function `fair_share`.
+Like `actors.ray_actors`, a thin Ray wrapper: the work is `ShardWorker`'s.
 """
 
 from __future__ import annotations
@@ -33,40 +21,27 @@ import time
 # diffusers, PyAV) are the "imports" phase of a replica's start-up. Set once at import.
 _IMPORTS_STARTED = time.time()
 
-import math  # noqa: E402
+import dataclasses  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from ray.exceptions import RayActorError  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
+from actors.ledger import LEDGER, NAMESPACE, FarmIngress  # noqa: E402
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.ray_actors import ray_shard_worker  # noqa: E402
 
 _IMPORTS_ENDED = time.time()
 
 APP = "framefarm"
-BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the ledger
 BEAT_S = 1.0  # how often a replica running a shard tells the ledger its decode-step count
-WITHDRAWN_KEEP_S = 3600.0  # a withdrawn call still running after this long is left to end
 WORKER = "FarmWorker"
 INGRESS = "FarmIngress"
-LEDGER = "framefarm-ledger"  # the ledger actor's name, in NAMESPACE
-NAMESPACE = "framefarm"  # drivers of `ray job submit` each run in a namespace of their own
-
-
-def fair_share(capacity: int, running_jobs: int) -> int:
-    """Shards one job may have in flight: an equal part of the farm's replicas, at least one.
-
-    Every running job gets at least one slot, so a job that arrives while another holds every
-    replica gets the next one to free up; the long job's share shrinks as soon as the short
-    one registers, and grows back when it leaves. Rounding up keeps every replica busy when
-    the capacity does not divide evenly (a request beyond a job's replica waits in its queue).
-    """
-    return max(1, math.ceil(capacity / max(1, running_jobs)))
 
 
 @dataclass(frozen=True)
@@ -112,8 +87,11 @@ class FarmWorker:
         me = ray.get_runtime_context().current_actor  # so that the driver can end a stuck replica
         while True:
             try:
-                wanted = ray.get(ledger.beat.remote(job, call, self.worker.progress(), self.worker.info, me),
-                                 timeout=30)
+                # A plain dict: the ledger's process imports no framefarm type (nor torch).
+                info = dataclasses.asdict(self.worker.info)
+                wanted = ray.get(ledger.beat.remote(job, call, self.worker.progress(), info, me), timeout=30)
+            except RayActorError:  # a new ledger (the farm redeployed): found by its name next beat
+                wanted, ledger = True, _ledger_by_name(ledger)
             except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
                 wanted = True
             if not wanted:
@@ -148,74 +126,13 @@ class FarmWorker:
         return record
 
 
-@ray.remote(num_cpus=0, max_concurrency=8)
-class FarmLedger:
-    """Which jobs run now, so that each takes only its fair share of the replicas, and the
-    decode-step counts of their calls running on the farm: replicas post, drivers read.
+def _ledger_by_name(last):
+    """The farm's ledger now, by its name; `last` while there is none."""
+    try:
+        return ray.get_actor(LEDGER, namespace=NAMESPACE)
+    except ValueError:
+        return last
 
-    A job renews its lease whenever it asks for its share; a driver that died without
-    leaving stops counting after `lease_s`. Calls not heard from for BEAT_FORGET_S are
-    dropped, so that a shard that runs on after its job left (an abandoned call runs to its
-    end) leaves nothing behind for long.
-    """
-
-    def __init__(self, capacity: int, use_gpu: bool, lease_s: float = 30.0):
-        self.capacity = capacity
-        self.use_gpu = use_gpu
-        self.lease_s = lease_s
-        self.jobs: dict[str, float] = {}  # job key -> last heard from (monotonic)
-        self.calls: dict[str, dict] = {}  # job key -> {call: (steps, WorkerInfo, replica actor, heard at)}
-        # Calls their drivers no longer want -> when withdrawn. By call, not by job: a withdrawn
-        # copy may still be running (its replica stopped, say) after its job has left.
-        self.withdrawn: dict[str, float] = {}
-        self.running = metrics.Gauge("framefarm_farm_jobs", "Jobs sending shards to the farm")
-
-    def share(self, job: str) -> dict:
-        """The job's share of the replicas (its lease renewed) and its calls' progress:
-        {call: (steps, WorkerInfo, replica actor)} of those heard from lately."""
-        now = time.monotonic()
-        self.jobs[job] = now
-        for key, seen in list(self.jobs.items()):
-            if now - seen > self.lease_s:
-                del self.jobs[key]
-                self.calls.pop(key, None)
-        self.withdrawn = {c: t for c, t in self.withdrawn.items() if now - t < WITHDRAWN_KEEP_S}
-        for key in list(self.calls):
-            self.calls[key] = {c: v for c, v in self.calls[key].items() if now - v[3] < BEAT_FORGET_S}
-            if not self.calls[key]:
-                del self.calls[key]
-        self.running.set(len(self.jobs))
-        return {"share": fair_share(self.capacity, len(self.jobs)), "jobs": len(self.jobs),
-                "capacity": self.capacity, "use_gpu": self.use_gpu,
-                "progress": {c: v[:3] for c, v in self.calls.get(job, {}).items()}}
-
-    def beat(self, job: str, call: str, steps: int, info: WorkerInfo, replica) -> bool:
-        """A running call's step count; False if its driver has withdrawn it (stop it)."""
-        self.calls.setdefault(job, {})[call] = (steps, info, replica, time.monotonic())
-        return call not in self.withdrawn
-
-    def withdraw(self, job: str, call: str) -> None:
-        """The job's driver no longer wants this call (another copy of its shard committed):
-        the replica running it hears so at its next beat, even after the job has left."""
-        self.withdrawn[call] = time.monotonic()
-
-    def leave(self, job: str) -> None:
-        self.jobs.pop(job, None)
-        self.calls.pop(job, None)
-        self.running.set(len(self.jobs))
-
-    def jobs_running(self) -> dict:
-        return {"jobs": sorted(self.jobs), "capacity": self.capacity, "use_gpu": self.use_gpu}
-
-
-class FarmIngress:
-    """The application's ingress: it binds the workers into the application (deployed, and
-    shut down, together) and owns the ledger, which ends with it. Drivers never call it."""
-
-    def __init__(self, capacity: int, use_gpu: bool, workers=None, lease_s: float = 30.0):
-        self.workers = workers
-        self.ledger = FarmLedger.options(name=LEDGER, namespace=NAMESPACE).remote(capacity, use_gpu, lease_s)
-        ray.get(self.ledger.jobs_running.remote())  # up (and named) before Serve calls the application running
 
 def farm_application(config: FarmConfig) -> serve.Application:
     """The Serve application `python -m jobs.farm up` deploys: replicas and their ledger."""

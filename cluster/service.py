@@ -19,7 +19,8 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo
-from actors.service import APP, LEDGER, NAMESPACE, WORKER, FarmConfig, farm_application
+from actors.ledger import LEDGER, NAMESPACE
+from actors.service import APP, WORKER, FarmConfig, farm_application
 from cluster.dispatch import (JobStitcher, RayStitcher, ShardFailed, WorkerLost, WorkerPool, resolve_workers,
                               unwrap)
 
@@ -111,7 +112,7 @@ class ServicePool(WorkerPool):
 
     The stall watch: a replica takes one call at a time, so none answers a progress call
     mid-shard; instead a replica running a shard sends its decode-step count to the farm's
-    ledger (`actors.service.FarmLedger`, a plain actor: see there why) under the call's name
+    ledger (`actors.ledger.FarmLedger`, a plain actor: see there why) under the call's name
     every second, and `steps` reads the ledger's answers. The ledger is asked at most once a
     second, in a thread of its own: the dispatch loop never waits on it. A stalled call's
     replica is killed by `replace`; Serve starts another.
@@ -139,7 +140,7 @@ class ServicePool(WorkerPool):
         self._claimed: set = set()  # slots a job holds, from claim to release
         self._lock = threading.Lock()
         self._running: dict = {}  # slot -> name of the call it runs now
-        self._heard: dict = {}  # call name -> (steps, WorkerInfo, replica actor), the ledger's last answer
+        self._heard: dict = {}  # call name -> (steps, worker info dict, replica actor), the ledger's last answer
         self._asking: concurrent.futures.Future | None = None  # a share-and-progress question in flight
         self._asked = time.monotonic()
         # Its own thread: couriers may all be waiting on shards (withdrawn copies included).
@@ -161,6 +162,11 @@ class ServicePool(WorkerPool):
         if self._asking is not None and self._asking.done():
             try:
                 answer = self._asking.result()
+            except RayActorError:
+                # A new ledger (the farm redeployed): asked by its name from now on; this job
+                # registers there at its next question.
+                self._ledger = find_ledger() or self._ledger
+                log.warning("farm: the farm's ledger was replaced; keeping this job's share")
             except Exception as exc:  # noqa: BLE001 - asked again in a second
                 log.warning("farm: no answer from the farm's ledger (%s); keeping this job's share", exc)
             else:
@@ -201,7 +207,7 @@ class ServicePool(WorkerPool):
     def describe(self, slot) -> WorkerInfo | None:
         """The replica running the slot's call, once it has reported (Serve chose it)."""
         heard = self._heard.get(self._running.get(slot))
-        return heard[1] if heard else None
+        return WorkerInfo(**heard[1]) if heard else None
 
     def _call(self, method: str, *args) -> concurrent.futures.Future:
         response = getattr(self._workers, method).remote(*args)

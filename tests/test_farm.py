@@ -20,7 +20,8 @@ import pytest
 import ray
 
 from actors.decoders import pattern_latents, read_index
-from actors.service import WORKER, FarmConfig, fair_share
+from actors.ledger import fair_share
+from actors.service import WORKER, FarmConfig
 from actors.sinks import read_frames
 from actors.protocol import pixel_frames
 from infra.staged import TMP_SUFFIX
@@ -92,6 +93,16 @@ def manifest(out: str) -> list[dict]:
 def test_fair_share_policy():
     assert [fair_share(4, n) for n in (0, 1, 2, 3, 4, 5, 9)] == [4, 4, 2, 2, 1, 1, 1]
     assert fair_share(1, 3) == 1  # every job keeps a slot: a queued request, served in turn
+
+
+def test_the_farm_s_ingress_and_ledger_import_no_torch():
+    """The ingress replica and the ledger's process import only actors.ledger: with the
+    decoder's imports (torch, PyAV) they took 93 s and 83 s of a cold farm's start, one after
+    the other, on a loaded 2-core host."""
+    code = "import sys, actors.ledger; print(sorted(m for m in ('torch', 'av', 'actors.protocol') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # Issue 11: a warm farm's job starts its first shard within this long of the job's start.
