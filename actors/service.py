@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
-from actors.ledger import LEDGER, NAMESPACE, FarmIngress  # noqa: E402
+from actors.ledger import FarmIngress, find_ledger  # noqa: E402
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.ray_actors import ray_shard_worker  # noqa: E402
 
@@ -91,7 +91,7 @@ class FarmWorker:
                 info = dataclasses.asdict(self.worker.info)
                 wanted = ray.get(ledger.beat.remote(job, call, self.worker.progress(), info, me), timeout=30)
             except RayActorError:  # a new ledger (the farm redeployed): found by its name next beat
-                wanted, ledger = True, _ledger_by_name(ledger)
+                wanted, ledger = True, find_ledger() or ledger
             except Exception:  # noqa: BLE001 - a missed beat reads as no progress, which is the point
                 wanted = True
             if not wanted:
@@ -124,14 +124,6 @@ class FarmWorker:
         self.shard_seconds.observe(time.perf_counter() - t, tags=tags)
         self.busy.set(record.report.gpu_utilization, tags=tags)
         return record
-
-
-def _ledger_by_name(last):
-    """The farm's ledger now, by its name; `last` while there is none."""
-    try:
-        return ray.get_actor(LEDGER, namespace=NAMESPACE)
-    except ValueError:
-        return last
 
 
 def farm_application(config: FarmConfig) -> serve.Application:

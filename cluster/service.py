@@ -19,7 +19,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo
-from actors.ledger import LEDGER, NAMESPACE
+from actors.ledger import find_ledger
 from actors.service import APP, WORKER, FarmConfig, farm_application
 from cluster.dispatch import (JobStitcher, RayStitcher, ShardFailed, WorkerLost, WorkerPool, resolve_workers,
                               unwrap)
@@ -28,17 +28,6 @@ log = logging.getLogger("framefarm")
 
 _SHARE_REFRESH_S = 1.0
 _ASK_TIMEOUT_S = 10.0  # one question to the ledger; asked again a second later
-
-
-def find_ledger():
-    """The farm's ledger actor on the connected cluster, or None when no farm runs.
-
-    One lookup in the GCS. Serve's own ways (`serve.get_app_handle`, `serve.status()`) ask
-    Serve's controller, which took 1.2-2.6 s of a warm job's start on a loaded 2-core host."""
-    try:
-        return ray.get_actor(LEDGER, namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 def farm_running() -> bool:
