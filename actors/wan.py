@@ -24,7 +24,12 @@ Options (`DecoderOptions`, defaults by device: the fastest measured on CUDA, eag
   the next buffer, time interleave + nearest upsample, attention, output) as small
   `torch.compile`d regions; the convolutions stay cuDNN calls. Regional: compiling the
   whole decoder hit dynamo's recompile limit (DESIGN.md);
-- `cuda_graphs`: a stream's steady step captured once and replayed (needs `conv_buffer`).
+- `cuda_graphs`: a stream's steady step captured once and replayed (needs `conv_buffer`);
+- `bias_in_reader`: each convolution runs without its bias, and the elementwise region that
+  reads its output adds it. cuDNN has no bias: torch adds it after the convolution in a
+  pass of its own over the output, about 12 GB of memory traffic per steady 720p step
+  (docs/benchmarks.md). oneDNN (the CPU) adds it in the convolution's accumulator, so
+  there it stays off: it would save nothing and cost bf16 one more rounding.
 A stream's first call and pruned-context calls always run eagerly (once per stream).
 
 Precision. The RMS norm, its gain and the SiLU are computed in fp32 and rounded once (the
@@ -65,6 +70,7 @@ class DecoderOptions:
     compile_mode: str = "default"  # or "max-autotune-no-cudagraphs"
     cuda_graphs: bool = False
     graph_warmup: int = 2  # steady eager steps before a stream's capture (cuDNN autotune, compile)
+    bias_in_reader: bool = False  # each conv's bias added by the region that reads its output
 
     def __post_init__(self):
         if self.cuda_graphs and not self.conv_buffer:
@@ -77,7 +83,7 @@ class DecoderOptions:
         """CUDA: the fastest measured (85 ms against diffusers' 188 per steady 720p latent, H200,
         bf16); elsewhere eager (compiling costs minutes on a small CPU)."""
         if torch.device(device).type == "cuda":
-            return cls(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True)
+            return cls(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True, bias_in_reader=True)
         return cls()
 
 
@@ -100,8 +106,15 @@ class StreamState:
 # ---------------------------------------------------------------------------------------
 # Elementwise regions: pure functions of tensors (plus `out` views they fill), so that the
 # same code runs eagerly or compiled, one compiled graph serving every layer of a shape.
-# Activations travel as (a, b) pairs, b a pending residual (or None), so that a block's
-# residual add fuses into whatever reads it next.
+# Activations travel as (a, b, c) triples meaning a + c + b: a a convolution's output, c
+# its pending per-channel bias (`bias_in_reader`), b a pending residual (each None where
+# absent), so that a block's residual add and a conv's bias fuse into whatever reads them.
+
+
+def _sum(a, b, c):
+    """a + c + b, in the order diffusers computes it (the conv's bias first, then the residual)."""
+    s = a if c is None else a + c
+    return s if b is None else s + b
 
 
 def _norm(s: torch.Tensor, gamma: torch.Tensor, dim: int) -> torch.Tensor:
@@ -110,9 +123,9 @@ def _norm(s: torch.Tensor, gamma: torch.Tensor, dim: int) -> torch.Tensor:
     return s * inv * gamma
 
 
-def _norm_act(a, b, gamma, out):
-    """s = a + b; silu(norm(s)) into `out` (or a new tensor). Returns (s, activated)."""
-    s = a if b is None else a + b
+def _norm_act(a, b, c, gamma, out):
+    """s = a + c + b; silu(norm(s)) into `out` (or a new tensor). Returns (s, activated)."""
+    s = _sum(a, b, c)
     n = F.silu(_norm(s, gamma, 1))
     if out is None:
         return s, n.to(s.dtype)
@@ -120,22 +133,22 @@ def _norm_act(a, b, gamma, out):
     return s, out
 
 
-def _add_into(a, b, out):
-    s = a if b is None else a + b
+def _add_into(a, b, c, out):
+    s = _sum(a, b, c)
     if out is None:
         return s
     out.copy_(s)
     return out
 
 
-def _up_frames(a, b, time_split: bool, cl: bool) -> torch.Tensor:
+def _up_frames(a, b, c, time_split: bool, cl: bool) -> torch.Tensor:
     """(1, C', T, H, W) -> (T', C, 2H, 2W) frames, nearest 2x, in one copy.
 
     With `time_split` the input is a time upsampler's conv output: C' = 2C, and frame 2t+i
     is channels [iC, (i+1)C) of frame t (diffusers' reshape-and-stack). Nearest-exact at
     scale 2 repeats each pixel, in any dtype.
     """
-    x = a if b is None else a + b
+    x = _sum(a, b, c)
     _, c, t, h, w = x.shape
     if cl:
         p = x[0].permute(1, 2, 3, 0)  # T, H, W, C': a view of channels-last memory
@@ -155,10 +168,10 @@ def _up_frames(a, b, time_split: bool, cl: bool) -> torch.Tensor:
     return q.expand(t, c, h, 2, w, 2).reshape(t, c, 2 * h, 2 * w)
 
 
-def _attention(a, b, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Tensor:
+def _attention(a, b, c, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Tensor:
     """diffusers' WanAttentionBlock: per frame, one head over all H x W positions, plus identity.
-    The 1x1 convs as matmuls over (positions, channels) rows."""
-    x = a if b is None else a + b
+    The 1x1 convs as matmuls over (positions, channels) rows (their bias in the matmul's epilogue)."""
+    x = _sum(a, b, c)
     _, c, t, h, w = x.shape
     rows = x[0].permute(1, 2, 3, 0).reshape(t, h * w, c)
     n = _norm(rows, gamma, -1).to(x.dtype)
@@ -168,10 +181,10 @@ def _attention(a, b, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Ten
     return out if cl else out.contiguous()
 
 
-def _dup(a, b, cout: int, f_t: int, f_s: int, first: bool, cl: bool) -> torch.Tensor:
+def _dup(a, b, c, cout: int, f_t: int, f_s: int, first: bool, cl: bool) -> torch.Tensor:
     """diffusers' DupUp3D: channels repeated, then moved into f_t frames and f_s x f_s pixels;
     a stream's first call keeps its last frame only."""
-    x = a if b is None else a + b
+    x = _sum(a, b, c)
     _, cin, t, h, w = x.shape
     x = x.repeat_interleave(cout * f_t * f_s * f_s // cin, dim=1)
     x = x.view(1, cout, f_t, f_s, f_s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
@@ -181,8 +194,10 @@ def _dup(a, b, cout: int, f_t: int, f_s: int, first: bool, cl: bool) -> torch.Te
     return x.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
 
 
-def _finish(y: torch.Tensor, patch: int) -> torch.Tensor:
-    """(1, C, F, H, W) conv output -> contiguous CFHW in [-1, 1], unpatchified as diffusers does."""
+def _finish(y: torch.Tensor, bias: torch.Tensor | None, patch: int) -> torch.Tensor:
+    """(1, C, F, H, W) conv output (and its pending bias) -> contiguous CFHW in [-1, 1],
+    unpatchified as diffusers does."""
+    y = _sum(y, None, bias)
     if patch > 1:
         _, cp, f, h, w = y.shape
         y = y.reshape(1, cp // patch ** 2, patch, patch, f, h, w).permute(0, 1, 4, 5, 3, 6, 2)
@@ -271,69 +286,74 @@ class _Step:
             self.stage = x.stage
             self.probe("stage", x.stage)
 
-    def conv(self, x: Layer, inp: torch.Tensor, padding=0) -> torch.Tensor:
+    def conv(self, x: Layer, inp: torch.Tensor, padding=0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The convolution and its bias still to add ((1, C, 1, 1, 1), or None: added already)."""
         w, b = self.dec.weights[x.name]
+        later = self.dec.options.bias_in_reader
         if self.probe is not None:
             self.probe("conv", x.stage)
-        y = (F.conv3d if len(x.kernel) == 3 else F.conv2d)(inp, w, b, padding=padding)
+        y = (F.conv3d if len(x.kernel) == 3 else F.conv2d)(inp, w, None if later else b.flatten(), padding=padding)
         if self.probe is not None:
             self.probe("glue", x.stage)
-        return y
+        return y, (b if later else None)
 
     def run(self, z: torch.Tensor) -> torch.Tensor:
         dec, top = self.dec, self.dec.topology
         self.need(top.post_quant)
         # WanPipeline's un-normalization, in the decoder's dtype.
         x = (z / dec.inv_std + dec.mean)[None, :, None].contiguous(memory_format=dec.fmt5)
-        x = self.conv(top.post_quant, x)
-        act = (self.causal(top.conv_in, (x, None), None)[0], None)
+        x, c = self.conv(top.post_quant, x)
+        y, _ = self.causal(top.conv_in, (x, None, c), None)
+        act = (y[0], None, y[1])
         res0, attn, res1 = top.mid
         act = self.res(res0, act)
         self.need(attn)
-        act = (self.f.attention(*act, *dec.weights[attn.name], self.cl), None)
+        act = (self.f.attention(*act, *dec.weights[attn.name], self.cl), None, None)
         act = self.res(res1, act)
         for up in top.ups:
             block_in = act
             for r in up.resnets:
                 act = self.res(r, act)
             if up.conv2d is not None:
-                act = (self.upsample(up, act), None)
+                act = self.upsample(up, act)
             if up.dup is not None:
                 self.need(up.dup)
                 short = self.f.dup(*block_in, up.dup.out_channels, *up.dup.kernel, self.first, self.cl)
-                act = (act[0], short)  # added by the next reader, as diffusers adds it here
+                act = (act[0], short, act[2])  # added by the next reader, as diffusers adds it here
         y, _ = self.causal(top.conv_out, act, top.norm_out)
-        out = self.f.finish(y, top.patch_size)
+        out = self.f.finish(*y, top.patch_size)
         if self.probe is not None:
             self.probe("end", top.conv_out.stage)
         return out
 
     def res(self, r: Res, act):
-        y, s = self.causal(r.conv1, act, r.norm1)
-        h = s if r.shortcut is None else self.conv(r.shortcut, s)
-        y, _ = self.causal(r.conv2, (y, None), r.norm2)
-        return (y, h)  # the residual add is left to the next reader
+        (y, c), s = self.causal(r.conv1, act, r.norm1)
+        h, ch = (s, None) if r.shortcut is None else self.conv(r.shortcut, s)
+        (y, c), _ = self.causal(r.conv2, (y, None, c), r.norm2)
+        # The residual add is left to the next reader, with both biases in one: (1, C, 1, 1, 1).
+        return (y, h, c if ch is None else ch if c is None else c + ch)
 
     def upsample(self, up: Up, act) -> torch.Tensor:
         if up.time_conv is not None and not self.first:
             # On a stream's first call diffusers marks the time conv "Rep" and skips it: its
             # history stays zeros, exactly a fresh buffer's.
-            y, _ = self.causal(up.time_conv, act, None)
+            (y, c), _ = self.causal(up.time_conv, act, None)
             self.need(up.conv2d)
-            frames = self.f.up_frames(y, None, True, self.cl)
+            frames = self.f.up_frames(y, None, c, True, self.cl)
         else:
             self.need(up.conv2d)
             frames = self.f.up_frames(*act, False, self.cl)
-        out = self.conv(up.conv2d, frames, padding=1)  # (T, C, 2H, 2W)
-        return out.permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, T, 2H, 2W): channels-last 3-D if cl
+        out, c = self.conv(up.conv2d, frames, padding=1)  # (T, C, 2H, 2W)
+        return (out.permute(1, 0, 2, 3).unsqueeze(0), None, c)  # (1, C, T, 2H, 2W): channels-last 3-D if cl
 
     def causal(self, x: Layer, act, norm: Layer | None):
-        """A causal conv over [its 2 history frames, the new ones]; returns (output, a + b).
+        """A causal conv over [its 2 history frames, the new ones]; returns ((output, its bias), s),
+        s = a + c + b.
 
-        Its input is silu(norm(a + b)) with `norm`, else a + b.
+        Its input is silu(norm(s)) with `norm`, else s.
         """
         self.need(x)
-        dec, a, b = self.dec, *act
+        dec, (a, b, c) = self.dec, act
         t = a.shape[2]
         gamma = dec.weights[norm.name] if norm is not None else None
         pad = (0, x.kernel[1] // 2, x.kernel[2] // 2)
@@ -345,11 +365,11 @@ class _Step:
                 self.st.history[x.slot] = hist
             view = hist if t == x.time_scale else hist[:, :, : CACHE_FRAMES + t]
             dst = view[:, :, CACHE_FRAMES:]
-            s = self.f.norm_act(a, b, gamma, dst)[0] if norm is not None else self.f.add_into(a, b, dst)
+            s = self.f.norm_act(a, b, c, gamma, dst)[0] if norm is not None else self.f.add_into(a, b, c, dst)
             y = self.conv(x, view, pad)
             _shift(view, t)
             return y, s
-        s, n = self.f.norm_act(a, b, gamma, None) if norm is not None else (None, self.f.add_into(a, b, None))
+        s, n = self.f.norm_act(a, b, c, gamma, None) if norm is not None else (None, self.f.add_into(a, b, c, None))
         n = F.pad(n, (0, 0, 0, 0, CACHE_FRAMES, 0)) if hist is None else torch.cat([hist, n], dim=2)
         self.st.history[x.slot] = n[:, :, -CACHE_FRAMES:].clone()
         return self.conv(x, n, pad), s
@@ -432,8 +452,9 @@ class WanDecoder:
         for x in self.topology.layers:
             if x.kind in ("conv", "conv2d"):
                 fmt = (self.fmt5 if x.kind == "conv" else fmt4) if self.options.channels_last else None
+                # The bias shaped for the (1, C, T, H, W) activations its reader adds it to.
                 out[x.name] = (get(f"{x.name}.weight", (x.out_channels, x.in_channels, *x.kernel), fmt),
-                               get(f"{x.name}.bias", (x.out_channels,)))
+                               get(f"{x.name}.bias", (x.out_channels,)).view(1, -1, 1, 1, 1))
             elif x.kind == "norm":  # gain in fp32 with sqrt(C) folded in, shaped for NCTHW
                 c = x.in_channels
                 out[x.name] = get(f"{x.name}.gamma", (c, 1, 1, 1), dtype=torch.float32).view(1, c, 1, 1, 1) * c ** 0.5

@@ -10,8 +10,9 @@ for every variant, per size:
   diffusers        `vae.decode()` of all latents in bf16; per latent = (t(N) - t(1)) / (N - 1)
   eager ...        `actors.wan.WanDecoder` in bf16 with the option sets of OPTION_SETS, one
                    more change at a time: eager (diffusers-style history), +channels_last,
-                   +conv_buffer, +compile, +cuda_graphs (the CUDA default)
-  stages           an instrumented steady step (+compile's options, no graph; CPU: +conv_buffer): events
+                   +conv_buffer, +compile, +cuda_graphs, +bias_in_reader (the CUDA default)
+  stages           an instrumented steady step (the CUDA default's options without the graph;
+                   CPU: +conv_buffer): events
                    around each stage and each convolution; per-stage time and conv share
   fp32-guard       WanDecoder in fp32 (CPU-default options, TF32 off by the decoder) against
                    diffusers' fp32 decode with TF32 off: the 1e-5 rule
@@ -52,17 +53,20 @@ OPTION_SETS: dict[str, DecoderOptions] = {
     "+conv_buffer": DecoderOptions(channels_last=True, conv_buffer=True),
     "+compile": DecoderOptions(channels_last=True, conv_buffer=True, compile=True),
     "+cuda_graphs": DecoderOptions(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True),
+    "+bias_in_reader": DecoderOptions(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True,
+                                      bias_in_reader=True),
 }
-# The product's default (+cuda_graphs) and its stage profile first, so that a short budget
+# The product's default (+bias_in_reader), the one before it and the stage profile first, so that a short budget
 # measures what matters; then the option sets one change at a time.
-ALL_VARIANTS = ["diffusers", "+cuda_graphs", "stages", "fp32-guard", "eager", "+channels_last", "+conv_buffer",
+ALL_VARIANTS = ["diffusers", "+bias_in_reader", "+cuda_graphs", "stages", "fp32-guard", "eager", "+channels_last", "+conv_buffer",
                 "+compile"]
-GPU_ONLY = {"+compile", "+cuda_graphs"}  # inductor on a small CPU takes minutes
-COMPILING = {"+compile", "+cuda_graphs"}  # "stages" too on CUDA
+GPU_ONLY = {"+compile", "+cuda_graphs", "+bias_in_reader"}  # inductor on a small CPU takes minutes
+COMPILING = {"+compile", "+cuda_graphs", "+bias_in_reader"}  # "stages" too on CUDA
 CONFIGS = {"wan2.1": dict, "ti2v": ti2v_config, "tiny2.1": tiny_wan_config}
 # Seconds a variant needs at 720p on an H200, to decide what still fits the budget; COMPILE_S
 # once per process and size for the compiled regions (DESIGN.md: compile + capture ~23 s).
-NEEDS = {"diffusers": 15, "fp32-guard": 25, "+compile": 10, "+cuda_graphs": 15, "stages": 10}
+NEEDS = {"diffusers": 15, "fp32-guard": 25, "+compile": 10, "+cuda_graphs": 15, "+bias_in_reader": 15,
+         "stages": 10}
 COMPILE_S = 45
 EAGER_NEED = 12
 MARGIN_S = 8  # kept free at the end to write results
@@ -460,6 +464,8 @@ def run_variant(name, args, device, budget, vae32, vae16, latents, refs, flops, 
                 # Stages: compiled regions on CUDA (the default minus graphs), eager elsewhere.
                 stage_set = "+compile" if device.type == "cuda" else "+conv_buffer"
                 options = OPTION_SETS[stage_set if name == "stages" else name]
+                if name == "stages" and device.type == "cuda":
+                    options = dataclasses.replace(options, bias_in_reader=True)
                 if options.compile:
                     options = dataclasses.replace(options, compile_mode=args.compile_mode)
                 decoder = WanDecoder.from_vae(vae16, device=device, dtype=torch.bfloat16, options=options)

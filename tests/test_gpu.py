@@ -30,6 +30,7 @@ OPTION_SETS = {
     "eager": DecoderOptions(conv_buffer=False),
     "channels_last+conv_buffer": DecoderOptions(channels_last=True),
     "+compile": DecoderOptions(channels_last=True, compile=True),
+    "+compile+bias_in_reader": DecoderOptions(channels_last=True, compile=True, bias_in_reader=True),
     "+cuda_graphs (CUDA default)": DecoderOptions.for_device("cuda"),
 }
 
