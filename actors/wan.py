@@ -80,8 +80,8 @@ class DecoderOptions:
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> DecoderOptions:
-        """CUDA: the fastest measured (85 ms against diffusers' 188 per steady 720p latent, H200,
-        bf16); elsewhere eager (compiling costs minutes on a small CPU)."""
+        """CUDA: the fastest measured (76 ms against diffusers' 188 per steady 720p latent, H200,
+        bf16, docs/benchmarks.md); elsewhere eager (compiling costs minutes on a small CPU)."""
         if torch.device(device).type == "cuda":
             return cls(channels_last=True, conv_buffer=True, compile=True, cuda_graphs=True, bias_in_reader=True)
         return cls()
