@@ -17,6 +17,14 @@ Why the ledger is a plain actor and not a Serve deployment:
     asks Serve's controller, and a handle's first call waits for the controller's list of
     replicas: 2-4 s of a warm job's start on a loaded 2-core host (docs/benchmarks.md).
 
+Both live on the head node (`ON_HEAD`), beside Serve's controller and the GCS: a worker
+node may be drained (a spot notice, infra/spot_watcher.py) or scaled down, and a drained
+node ends only once idle. Serve moves a drained node's replicas by starting the new one
+before stopping the old, but a new ingress cannot create the ledger while the old one's
+ledger still holds the name, and that ledger, owned by the old ingress, does not move: the
+node stayed up, ingress and ledger on it, for the 300 s a test allowed it
+(tests/test_spot_watcher.py, in a loaded run where Serve had put the ingress there).
+
 This module imports Ray and nothing of the decoder (no torch): the ingress replica and the
 ledger's process import only it. With the decoder's imports they took 93 s and 83 s of a
 cold farm's start on a loaded 2-core host, one after the other.
@@ -34,6 +42,9 @@ LEDGER = "framefarm-ledger"  # the ledger actor's name, in NAMESPACE
 NAMESPACE = "framefarm"  # drivers of `ray job submit` each run in a namespace of their own
 BEAT_FORGET_S = 60.0  # a call not heard from for this long is dropped from the ledger
 WITHDRAWN_KEEP_S = 3600.0  # a withdrawn call still running after this long is left to end
+# A sliver of the resource only the head node has (Ray's HEAD_NODE_RESOURCE_NAME, which Ray's
+# own state actors ask for the same way): the ingress's and the ledger's placement.
+ON_HEAD = {"node:__internal_head__": 0.001}
 
 
 def find_ledger():
@@ -128,7 +139,8 @@ class FarmIngress:
         deadline = time.monotonic() + takeover_s
         while True:
             try:
-                self.ledger = FarmLedger.options(name=LEDGER, namespace=NAMESPACE).remote(capacity, use_gpu, lease_s)
+                self.ledger = FarmLedger.options(name=LEDGER, namespace=NAMESPACE, resources=ON_HEAD).remote(
+                    capacity, use_gpu, lease_s)
                 break
             except ValueError:
                 # The name is still the ledger of the ingress this one replaces (a redeploy, a

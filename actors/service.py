@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util import metrics  # noqa: E402
 
-from actors.ledger import FarmIngress, find_ledger  # noqa: E402
+from actors.ledger import ON_HEAD, FarmIngress, find_ledger  # noqa: E402
 from actors.protocol import LatentSlice, SegmentRecord, ShardTask, WorkerInfo  # noqa: E402
 from actors.ray_actors import ray_shard_worker  # noqa: E402
 
@@ -142,6 +142,7 @@ def farm_application(config: FarmConfig) -> serve.Application:
         # A shard runs for many seconds on a thread of the replica; health checks run apart.
         health_check_period_s=5, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=600)
-    ingress = serve.deployment(FarmIngress, name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(FarmIngress, name=INGRESS, num_replicas=1,
+                               ray_actor_options={"num_cpus": 0, "resources": ON_HEAD})
     return ingress.bind(config.capacity, config.use_gpu,
                         workers=worker.bind("cuda" if config.use_gpu else "cpu", config.scratch_dir))

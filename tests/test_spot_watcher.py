@@ -173,6 +173,11 @@ def test_a_drained_farm_node_hands_its_replica_on_mid_job_without_losing_a_shard
         head = ray.get_runtime_context().get_node_id()
         gcs = ray._raylet.GcsClient(address=cluster.address)
         deploy(FarmConfig(capacity=2, use_gpu=True, min_replicas=2, idle_s=300))
+        # The farm's ingress and ledger live on the head, whatever Serve's spread: on a drained
+        # node they kept it up (a loaded run: the node still up after 300 s, actors/ledger.py).
+        placed = {a["ActorClassName"].rsplit(":", 1)[-1]: a["Address"]["NodeID"]
+                  for a in ray._private.state.actors().values() if a["State"] == "ALIVE"}
+        assert placed["FarmIngress"] == placed["FarmLedger"] == head, placed
         drained: dict = {}
 
         def on_event(kind, info):
