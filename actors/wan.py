@@ -141,14 +141,14 @@ def _add_into(a, b, c, out):
     return out
 
 
-def _up_frames(a, b, c, time_split: bool, cl: bool) -> torch.Tensor:
+def _up_frames(a, b, bias, time_split: bool, cl: bool) -> torch.Tensor:
     """(1, C', T, H, W) -> (T', C, 2H, 2W) frames, nearest 2x, in one copy.
 
     With `time_split` the input is a time upsampler's conv output: C' = 2C, and frame 2t+i
     is channels [iC, (i+1)C) of frame t (diffusers' reshape-and-stack). Nearest-exact at
     scale 2 repeats each pixel, in any dtype.
     """
-    x = _sum(a, b, c)
+    x = _sum(a, b, bias)
     _, c, t, h, w = x.shape
     if cl:
         p = x[0].permute(1, 2, 3, 0)  # T, H, W, C': a view of channels-last memory
@@ -168,10 +168,10 @@ def _up_frames(a, b, c, time_split: bool, cl: bool) -> torch.Tensor:
     return q.expand(t, c, h, 2, w, 2).reshape(t, c, 2 * h, 2 * w)
 
 
-def _attention(a, b, c, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Tensor:
+def _attention(a, b, bias, gamma, w_qkv, b_qkv, w_proj, b_proj, cl: bool) -> torch.Tensor:
     """diffusers' WanAttentionBlock: per frame, one head over all H x W positions, plus identity.
     The 1x1 convs as matmuls over (positions, channels) rows (their bias in the matmul's epilogue)."""
-    x = _sum(a, b, c)
+    x = _sum(a, b, bias)
     _, c, t, h, w = x.shape
     rows = x[0].permute(1, 2, 3, 0).reshape(t, h * w, c)
     n = _norm(rows, gamma, -1).to(x.dtype)
@@ -333,7 +333,7 @@ class _Step:
         # The residual add is left to the next reader, with both biases in one: (1, C, 1, 1, 1).
         return (y, h, c if ch is None else ch if c is None else c + ch)
 
-    def upsample(self, up: Up, act) -> torch.Tensor:
+    def upsample(self, up: Up, act) -> tuple[torch.Tensor, None, torch.Tensor | None]:
         if up.time_conv is not None and not self.first:
             # On a stream's first call diffusers marks the time conv "Rep" and skips it: its
             # history stays zeros, exactly a fresh buffer's.
