@@ -461,11 +461,13 @@ def run_variant(name, args, device, budget, vae32, vae16, latents, refs, flops, 
             elif name == "fp32-guard":
                 r = run_fp32_guard(args, vae32, latents, refs, device)
             else:
-                # Stages: compiled regions on CUDA (the default minus graphs), eager elsewhere.
-                stage_set = "+compile" if device.type == "cuda" else "+conv_buffer"
-                options = OPTION_SETS[stage_set if name == "stages" else name]
-                if name == "stages" and device.type == "cuda":
-                    options = dataclasses.replace(options, bias_in_reader=True)
+                # Stages: the CUDA default minus its graph (events need eager launches), eager elsewhere.
+                if name != "stages":
+                    options = OPTION_SETS[name]
+                elif device.type == "cuda":
+                    options = dataclasses.replace(DecoderOptions.for_device(device), cuda_graphs=False)
+                else:
+                    options = OPTION_SETS["+conv_buffer"]
                 if options.compile:
                     options = dataclasses.replace(options, compile_mode=args.compile_mode)
                 decoder = WanDecoder.from_vae(vae16, device=device, dtype=torch.bfloat16, options=options)
