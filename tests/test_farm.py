@@ -177,10 +177,59 @@ def _driver(out: str, latent_frames: int, address: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _replica_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+            if WORKER in (a.class_name or "")]
+
+
+def _await_jobs(ledger, before: set, n: int, drivers: list) -> None:
+    """Until n jobs beyond `before` have registered with the farm's ledger (their drivers have
+    asked for a share); a driver that exits first fails the test with its output."""
+    deadline = time.monotonic() + 300
+    while len(set(ray.get(ledger.jobs_running.remote())["jobs"]) - before) < n:
+        for d in drivers:
+            assert d.poll() is None, d.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{n} job(s) not registered with the ledger after 300 s"
+        time.sleep(0.2)  # polling the ledger, with a deadline
+
+
 def test_two_drivers_at_once_share_the_farm_with_shards_interleaved(warm_farm, tmp_path):
+    """Two driver processes at once: the farm's fair share interleaves their shards.
+
+    Under load one driver process can start half a minute after the other and find the farm
+    free: in a loaded run the short job was done before the long one's first shard started.
+    So the replicas are held (SIGSTOP) from before the first driver starts until both jobs
+    have registered with the ledger; from then on the fair share decides who runs next, which
+    is what this test is about. (Held long enough, Serve's health check replaces a replica and
+    the calls on it are retried: the shards still interleave.)"""
+    from actors.ledger import find_ledger
+
     cluster, _ = warm_farm
+    ledger = find_ledger()
+    before = set(ray.get(ledger.jobs_running.remote())["jobs"])
     outs = [str(tmp_path / "long"), str(tmp_path / "short")]
-    drivers = [_driver(outs[0], 33, cluster.address), _driver(outs[1], 17, cluster.address)]
+    held = _replica_pids()
+    assert len(held) == CAPACITY, held
+    drivers: list = []
+    try:
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        drivers.append(_driver(outs[0], 33, cluster.address))
+        _await_jobs(ledger, before, 1, drivers)
+        drivers.append(_driver(outs[1], 17, cluster.address))
+        _await_jobs(ledger, before, 2, drivers)
+    except BaseException:
+        for d in drivers:
+            d.kill()
+        raise
+    finally:
+        for pid in held:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # replaced by Serve while held
+                pass
     logs = [d.communicate(timeout=600)[0] for d in drivers]
     for d, log in zip(drivers, logs):
         assert d.returncode == 0, log[-3000:]
