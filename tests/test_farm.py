@@ -177,10 +177,11 @@ def _driver(out: str, latent_frames: int, address: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _replica_pids() -> list[int]:
+def _replica_actors() -> list:
+    """The farm's live replica actors, as Ray's state API describes them (ids, pids)."""
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
             if WORKER in (a.class_name or "")]
 
 
@@ -210,7 +211,7 @@ def test_two_drivers_at_once_share_the_farm_with_shards_interleaved(warm_farm, t
     ledger = find_ledger()
     before = set(ray.get(ledger.jobs_running.remote())["jobs"])
     outs = [str(tmp_path / "long"), str(tmp_path / "short")]
-    held = _replica_pids()
+    held = [a.pid for a in _replica_actors()]
     assert len(held) == CAPACITY, held
     drivers: list = []
     try:
@@ -442,10 +443,7 @@ def test_jobs_from_threads_at_once_a_lost_replica_and_a_cancelled_job(warm_farm,
         time.sleep(0.5)
 
     def replica_actors() -> set:
-        from ray.util.state import list_actors
-
-        return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if WORKER in (a.class_name or "")}
+        return {a.actor_id for a in _replica_actors()}
 
     before_cancel = replica_actors()
 
