@@ -47,6 +47,22 @@ def _private_ray_tmpdir():
         os.environ["RAY_TMPDIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_workers_at_normal_priority():
+    """Ray starts its workers at nice 15 so that a busy node's raylet stays responsive. Beside
+    anything CPU-bound at nice 0 (two busy loops on 2 cores), that weight (36 against 1024) left
+    the actors under test about 3% of a core: a 2 s render took 90 s and the suite 85 minutes.
+    The suite's Ray clusters are its own, so their workers run at the priority of the test run
+    that started them; every raylet started here (and every child process) inherits this."""
+    old = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("RAY_worker_niceness", None)
+    else:
+        os.environ["RAY_worker_niceness"] = old
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head and two worker nodes, each with one fake GPU: three decode workers on three nodes.
