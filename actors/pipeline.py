@@ -280,6 +280,20 @@ class _InlineHost:
         pass
 
 
+class _Patience:
+    """How long the owner has waited on the host thread, counted a poll at a time. A turn that
+    took far longer than a poll means this whole process was frozen (SIGSTOP, a paused VM) and
+    the sink with it: that is no sign of a stuck sink, so it counts as one poll, not as its
+    length (a replica let go after a stop found its ring full and blamed the sink)."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s, self.waited_s = limit_s, 0.0
+
+    def exhausted(self, turn_started: float) -> bool:
+        self.waited_s += min(time.perf_counter() - turn_started, 2 * _POLL_S)
+        return self.waited_s > self.limit_s
+
+
 class HostStuck(RuntimeError):
     """The host thread outlived its join timeout; it, not the owner, aborts the sink."""
 
@@ -361,9 +375,14 @@ class _HostWorker:
         self.ready.put(_END)
         if self._abort_on_exit:
             return  # already given up on (a stalled acquire): the HostStuck in flight says why
-        self.thread.join(timeout=self.join_timeout_s)
-        if self.thread.is_alive():
-            self.give_up(f"host worker did not stop within {self.join_timeout_s:g} s")
+        patience = _Patience(self.join_timeout_s)
+        while True:
+            t = time.perf_counter()
+            self.thread.join(timeout=_POLL_S)
+            if not self.thread.is_alive():
+                break
+            if patience.exhausted(t):
+                self.give_up(f"host worker did not stop within {self.join_timeout_s:g} s")
         self.check()
 
 
@@ -389,16 +408,17 @@ class _FreeSlots:
         report.buffer_waits += 1
         if self.on_backpressure is not None:
             self.on_backpressure()
-        t = time.perf_counter()
+        patience = _Patience(host.join_timeout_s)
         while True:
             host.check()
             if host.stop.is_set():
                 raise RuntimeError("frame pipeline: host worker stopped")
+            t = time.perf_counter()
             try:
                 return self.slots.get(timeout=_POLL_S)
             except queue.Empty:
                 pass
-            if time.perf_counter() - t > host.join_timeout_s:
+            if patience.exhausted(t):
                 # Every buffer is held by a write that does not return: a sink stuck in I/O.
                 host.give_up(f"the sink took no frames for {host.join_timeout_s:g} s")
 

@@ -272,3 +272,69 @@ def test_mp4_from_gpu_yuv_reads_back_like_the_rgb_path(tmp_path):
     sink.close()
     rgb_path = read_frames(str(tmp_path / "rgb.mp4"), "mp4").astype(int)
     assert np.abs(rgb_path - frames.astype(int)).mean() < 1.5
+
+
+_FROZEN_CHILD = r"""
+import hashlib, sys, time
+from actors.decoders import TestPatternDecoder, pattern_latents, read_index
+from actors.pipeline import run_pipeline
+from actors.sinks import open_sink, read_frames
+
+BLOCK = bytes(1 << 20)
+
+class SlowSink:
+    # Slower than the decoder, so the decode loop spends its time waiting for a free buffer.
+    def __init__(self, path):
+        self.inner, self.layout = open_sink("ffv1", path, 128, 96, 16), "rgb24"
+    def write(self, frames):
+        # A slow encoder: 0.3 s of this thread's CPU, which a frozen process does not spend, so
+        # the freeze lands inside this write and the write goes on once the process is let go.
+        # hashlib lets go of the GIL, as an encoder does, so the decode loop is free to wait.
+        done = time.thread_time() + 0.3
+        while time.thread_time() < done:
+            hashlib.sha256(BLOCK).digest()
+        self.inner.write(frames)
+    def close(self):
+        return self.inner.close()
+    def abort(self):
+        self.inner.abort()
+
+waits = []
+
+def waiting():  # the decode loop found the ring's one buffer held by a write: it waits from here
+    waits.append(1)
+    if len(waits) == 2:
+        print("waiting", flush=True)
+
+path = sys.argv[1]
+run_pipeline(TestPatternDecoder().stream(pattern_latents(10, 96, 128)), SlowSink(path), depth=1,
+             join_timeout_s=2.0, on_backpressure=waiting)
+print("frames", [read_index(f) for f in read_frames(path, "ffv1")] == list(range(37)), flush=True)
+"""
+
+
+def test_a_process_frozen_mid_shard_is_not_mistaken_for_a_stuck_sink(tmp_path):
+    """SIGSTOP (or a paused VM) freezes the decode loop and the sink alike; once let go, the
+    sink takes frames again at once. The wait for a buffer must not count the frozen seconds
+    as the sink's: 5 s frozen against a 2 s patience, and the run still ends whole."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", _FROZEN_CHILD, str(tmp_path / "out.mkv")], cwd=root,
+                             env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "waiting"
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(5.0)  # how long it stays frozen: the condition under test, not a wait for it
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err[-3000:]
+    assert out.strip() == "frames True"
