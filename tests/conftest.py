@@ -37,14 +37,10 @@ def free_port() -> int:
 @pytest.fixture(scope="session", autouse=True)
 def _private_ray_tmpdir():
     """Every Ray this test run starts lives under its own temp dir: nothing joins another's Ray."""
-    old = os.environ.get("RAY_TMPDIR")
-    # Short: Ray puts Unix sockets under it (107 bytes at most for a socket path).
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ff", dir="/tmp")
-    yield
-    if old is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = old
+    with pytest.MonkeyPatch.context() as env:
+        # Short: Ray puts Unix sockets under it (107 bytes at most for a socket path).
+        env.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="ff", dir="/tmp"))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,13 +50,9 @@ def _ray_workers_at_normal_priority():
     the actors under test about 3% of a core: a 2 s render took 90 s and the suite 85 minutes.
     The suite's Ray clusters are its own, so their workers run at the priority of the test run
     that started them; every raylet started here (and every child process) inherits this."""
-    old = os.environ.get("RAY_worker_niceness")
-    os.environ["RAY_worker_niceness"] = "0"
-    yield
-    if old is None:
-        os.environ.pop("RAY_worker_niceness", None)
-    else:
-        os.environ["RAY_worker_niceness"] = old
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_worker_niceness", "0")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,22 +31,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV_TO_CLEAR, *fake_aws_env("x"))}
-    with moto_server() as endpoint:
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as env:
         for k in AWS_ENV_TO_CLEAR:
-            os.environ.pop(k, None)
-        os.environ.update(fake_aws_env(endpoint))
-        try:
-            s3 = boto3.client("s3")
-            bucket = unique_bucket("out")
-            s3.create_bucket(Bucket=bucket)
-            yield s3, bucket
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            env.delenv(k, raising=False)
+        for k, v in fake_aws_env(endpoint).items():
+            env.setenv(k, v)
+        s3 = boto3.client("s3")
+        bucket = unique_bucket("out")
+        s3.create_bucket(Bucket=bucket)
+        yield s3, bucket
 
 
 @pytest.fixture(params=["local", "s3"])
