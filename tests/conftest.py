@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -32,6 +33,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_job_head(**head_node_args):
+    """A `ray.cluster_utils.Cluster` head with its dashboard on free loopback ports, returned
+    with the dashboard's URL once that head can take a `ray job submit`.
+
+    Two waits Ray leaves to its callers on a loaded machine. The GCS server gets 30 s to write
+    its port file; that once ran out on a loaded 2-core CI machine, so there is one more start
+    on new ports (a head that did not come up is not one to keep). And a job is handed to the
+    head node's dashboard agent, which the job server gives 10 s to appear in the GCS
+    ("No available agent to submit job", a CI run of 2026-12-02): the head is returned only
+    once its agent's address is there, the key the job server reads."""
+    from ray._raylet import GcsClient
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.cluster_utils import Cluster
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    for tries_left in (1, 0):
+        port = free_port()
+        try:
+            cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                "dashboard_agent_listen_port": free_port(), **head_node_args})
+            break
+        except RuntimeError as exc:
+            if not tries_left or "Timed out waiting for file" not in str(exc):
+                raise
+    cluster.wait_for_nodes()
+    gcs = GcsClient(address=cluster.address)
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{cluster.head_node.node_id}".encode()
+    deadline = time.monotonic() + 180
+    while not gcs.internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD, timeout=30):
+        if time.monotonic() > deadline:
+            cluster.shutdown()
+            raise TimeoutError("the head's dashboard agent did not register within 180 s")
+        time.sleep(0.2)  # a poll of the condition itself, not a guess at how long it takes
+    return cluster, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,7 +25,7 @@ from actors.service import WORKER, FarmConfig
 from actors.sinks import read_frames
 from actors.protocol import pixel_frames
 from infra.staged import TMP_SUFFIX
-from tests.conftest import free_port
+from tests.conftest import start_job_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPACITY = 2
@@ -33,17 +33,10 @@ CAPACITY = 2
 
 @pytest.fixture(scope="module")
 def head():
-    from ray.cluster_utils import Cluster
-
-    port = free_port()
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 4, "num_gpus": CAPACITY, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": port, "dashboard_agent_listen_port": free_port(),
-        "object_store_memory": 200 * 2**20})
-    cluster.wait_for_nodes()
+    cluster, dashboard = start_job_head(num_cpus=4, num_gpus=CAPACITY, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address)
     try:
-        yield cluster, f"http://127.0.0.1:{port}"
+        yield cluster, dashboard
     finally:
         from ray import serve
 

@@ -18,32 +18,16 @@ import pytest
 from actors.decoders import read_index
 from actors.sinks import read_frames
 from actors.protocol import pixel_frames
-from tests.conftest import free_port
+from tests.conftest import start_job_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def head():
-    from ray.cluster_utils import Cluster
-
-    # Ray gives its GCS server 30 s to write its port file; on a loaded 2-core CI machine that
-    # once ran out (a fresh-clone run, 2026-12-02). One more start on new ports, not a longer
-    # wait: a head that did not come up is not one to keep.
-    for tries_left in (1, 0):
-        port = free_port()
-        try:
-            cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-                "num_cpus": 3, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                "dashboard_port": port, "dashboard_agent_listen_port": free_port(),
-                "object_store_memory": 200 * 2**20})
-            break
-        except RuntimeError as exc:
-            if not tries_left or "Timed out waiting for file" not in str(exc):
-                raise
-    cluster.wait_for_nodes()
+    cluster, dashboard = start_job_head(num_cpus=3, num_gpus=0, object_store_memory=200 * 2**20)
     try:
-        yield cluster, f"http://127.0.0.1:{port}"
+        yield cluster, dashboard
     finally:
         cluster.shutdown()
 

@@ -23,15 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HEAD = """
 import sys
-from ray.cluster_utils import Cluster
-from tests.conftest import free_port
+from tests.conftest import start_job_head
 
-port = free_port()
-cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-    "num_cpus": 3, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-    "dashboard_port": port, "dashboard_agent_listen_port": free_port(), "object_store_memory": 200 * 2**20})
-cluster.wait_for_nodes()
-print(f"http://127.0.0.1:{port}", flush=True)
+cluster, dashboard = start_job_head(num_cpus=3, num_gpus=0, object_store_memory=200 * 2**20)
+print(dashboard, flush=True)
 sys.stdin.read()  # until the test closes it
 cluster.shutdown()
 """
