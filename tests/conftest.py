@@ -35,6 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout_s: float = 120.0, what: str = "", interval_s: float = 0.02) -> None:
+    """Poll `condition` until it holds, failing the test after `timeout_s`: a wait on the state
+    itself (a file, a process, a key in the GCS) while something else makes progress on its own,
+    never a guess at how long that takes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval_s)
+
+
 def start_job_head(**head_node_args):
     """A `ray.cluster_utils.Cluster` head with its dashboard on free loopback ports, returned
     with the dashboard's URL once that head can take a `ray job submit`.
@@ -63,12 +74,12 @@ def start_job_head(**head_node_args):
     cluster.wait_for_nodes()
     gcs = GcsClient(address=cluster.address)
     key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{cluster.head_node.node_id}".encode()
-    deadline = time.monotonic() + 180
-    while not gcs.internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD, timeout=30):
-        if time.monotonic() > deadline:
-            cluster.shutdown()
-            raise TimeoutError("the head's dashboard agent did not register within 180 s")
-        time.sleep(0.2)  # a poll of the condition itself, not a guess at how long it takes
+    try:
+        wait_for(lambda: gcs.internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD, timeout=30), timeout_s=180,
+                 what="the head's dashboard agent to register", interval_s=0.2)
+    except AssertionError:
+        cluster.shutdown()
+        raise
     return cluster, f"http://127.0.0.1:{port}"
 
 

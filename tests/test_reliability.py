@@ -22,6 +22,7 @@ from cluster.driver import OutputBusy, RenderJob
 
 from infra.staged import TMP_SUFFIX
 from actors.protocol import InputError, RenderSpec, pixel_frames
+from tests.conftest import wait_for
 
 PATTERN = {"decoder": {"name": "test-pattern"}, "progress": False}
 
@@ -42,15 +43,6 @@ def _indices(out, name):
 
 def _leftovers(out) -> list[str]:
     return [n for _, dirs, files in os.walk(out) for n in dirs + files if n.endswith(TMP_SUFFIX)]
-
-
-def _wait_for(condition, timeout_s: float = 120.0, what: str = "") -> None:
-    """Poll a condition on the filesystem; the worker makes progress on its own meanwhile."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -111,8 +103,8 @@ def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
             pids.append(info["info"].pid)
         if kind == "dispatch" and not killed:
             segments = os.path.join(out, "segments")
-            _wait_for(lambda: any(n.endswith(TMP_SUFFIX) for _, _, files in os.walk(segments) for n in files),
-                      what="a segment being written")
+            wait_for(lambda: any(n.endswith(TMP_SUFFIX) for _, _, files in os.walk(segments) for n in files),
+                     what="a segment being written")
             os.kill(info["info"].pid, signal.SIGKILL)
             killed.append(info["info"].pid)
 
@@ -126,7 +118,7 @@ def test_a_worker_killed_by_pid_mid_write_leaves_nothing_behind(tmp_path):
     # leaves its scratch folder: the next worker to start on this machine sweeps those of
     # processes that are gone. Whether a replacement started after the kill is a race, so
     # wait for the job's workers to exit, then start one.
-    _wait_for(lambda: not any(_alive(p) for p in pids), what="the job's workers to exit")
+    wait_for(lambda: not any(_alive(p) for p in pids), what="the job's workers to exit")
     ShardWorker(device="cpu").close()
     owners = [re.match(r"framefarm-scratch-(\d+)-", n) for n in os.listdir(tempfile.gettempdir())]
     assert not [m.group(0) for m in owners if m and int(m.group(1)) in pids]
